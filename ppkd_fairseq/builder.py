@@ -8,6 +8,7 @@ teachers, and creates the writers for the dump modes.
 import logging
 import os
 
+from . import hooks
 from . import manifest as mf
 from .datastore import Datastore
 from .dump import DatastoreWriter, TeacherWriter
@@ -19,14 +20,15 @@ logger = logging.getLogger(__name__)
 
 
 def _describe_model(model):
-    args = getattr(model, "args", None) or getattr(getattr(model, "cfg", None), "__dict__", None)
-    arch = getattr(getattr(model, "cfg", None), "arch", None) or getattr(args, "arch", None)
     decoder = model.decoder
+    cls = type(model)
+    if issubclass(cls, hooks.PPKDModelMixin):
+        cls = cls.__mro__[2]
     return {
         "fingerprint": mf.model_fingerprint(model),
-        "class": type(model).__mro__[1].__name__,
-        "arch": str(arch) if arch is not None else None,
+        "class": cls.__name__,
         "layers": len(getattr(decoder, "layers", [])),
+        "embed_dim": int(getattr(decoder, "embed_dim", 0)),
         "normalize_before": bool(getattr(getattr(decoder, "layers", [None])[-1], "normalize_before", False)),
     }
 
@@ -66,9 +68,9 @@ def build_handler(task, model, dataset, shard_id=0, num_shards=1, context_window
                         "key": "input of the last decoder layer's feed-forward block (fc1)"},
             "corpus": {"data": os.path.abspath(args.data), "split": split},
             "dump": {"tokens_per_sample": args.tokens_per_sample, "context_window": context_window,
-                     "sample_break_mode": args.sample_break_mode, "num_shards": num_shards},
+                     "sample_break_mode": str(args.sample_break_mode), "num_shards": num_shards},
         }
-        writer = DatastoreWriter(folder, num_rows, key_dim, args.ppkd_key_dtype, metadata,
+        writer = DatastoreWriter(folder, num_rows, key_dim, str(args.ppkd_key_dtype), metadata,
                                  shard_id=shard_id, num_shards=num_shards, overwrite=args.ppkd_overwrite)
         logger.info("dumping %d rows of %d-dim keys from split %s into %s", num_rows, key_dim, split, folder)
         return DumpKeysHandler(writer, starts, pad)

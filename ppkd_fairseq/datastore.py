@@ -79,7 +79,10 @@ def npy_spec(folder, filename):
     path = os.path.join(folder, filename)
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         offset = f.tell()
     if fortran:
         raise ValueError(f"{path} is in Fortran order; datastore arrays must be C-ordered")

@@ -51,9 +51,9 @@ INDEX_FORMAT_VERSION = 1
 # quantizer has nlist centroids and every PQ sub-quantizer has 2**nbits.
 MIN_POINTS_PER_CENTROID = 39
 
-# Below this many keys the default index is an exact IndexFlatL2: at d = 1024
-# it holds 400 MB of float32 keys and costs 1e8 multiply-adds per query, which
-# is affordable, and IVF4096 would need 39 * 4096 = 159,744 keys to train
+# Below this many keys the default index is an exact IndexFlatL2. At d = 1024
+# it takes 400 MB of float32 keys and 1e8 multiply-adds per query, which is
+# affordable, and IVF4096 would need 39 * 4096 = 159,744 keys to train
 # without shrinking nlist.
 FLAT_BELOW = 100_000
 
@@ -63,16 +63,20 @@ ADD_BATCH = 500_000
 # Rows read per step when gathering the training sample from the key memmap.
 READ_CHUNK = 65_536
 
-# faiss's GPU IVFPQ keeps each query's lookup table of M * 2**nbits float32
-# distances in shared memory, which holds 48 KiB per block, so codes of more
-# than 48 bytes at 8 bits (for example 64-byte codes) need float16 tables.
-GPU_SHARED_MEMORY_BYTES = 48 * 1024
+# faiss's GpuIndexIVFPQ.h documents that float16 lookup tables are required when
+# M * 2**nbits > 16384. Codes of 64 bytes at 8 bits sit exactly at that
+# limit, so they get float16 tables too.
+GPU_FLOAT16_LUT_ENTRIES = 16384
 
 REBUILD_FIX = "Rebuild the index with: python -m ppkd_fairseq.cli.build_index {dir}"
 
 
+class GpuUnavailableError(RuntimeError):
+    """Error for a GPU index request when faiss lacks GPU support or finds no GPU."""
+
+
 class IndexKind(str, enum.Enum):
-    """Which FAISS index a datastore gets."""
+    """Kind of FAISS index built over a datastore's keys."""
 
     FLAT = "flat"  # exact IndexFlatL2
     IVFPQ = "ivfpq"  # IndexIVFPQ: inverted file over nlist cells, PQ-compressed keys
@@ -286,7 +290,8 @@ def build_index(
         train_size: keys sampled without replacement (seeded) for training.
         add_batch: keys per add() call, and per shard of an on-disk build.
         seed: seed of the training sample and of faiss k-means.
-        use_gpu: train and add on the current CUDA device; needs faiss-gpu.
+        use_gpu: train and add on the current CUDA device. Without faiss-gpu
+            or a visible GPU this raises :class:`GpuUnavailableError`.
         ondisk: store the inverted lists in ``index.ivfdata`` through faiss
             OnDiskInvertedLists, for datastores whose codes exceed RAM.
             Ignored, with a warning, for a flat index.
@@ -299,14 +304,8 @@ def build_index(
     if use_gpu:
         _require_gpu()
     manifest = read_datastore_manifest(datastore_dir)
-    keys = open_array(datastore_dir, manifest["keys"], what="datastore keys")  # (N, d)
+    keys = _open_keys(datastore_dir, manifest)  # (N, d)
     num_rows, key_dim = manifest["num_rows"], manifest["key_dim"]
-    where = f"datastore keys in {datastore_dir}"
-    fix = "The manifest does not describe these keys; rerun the datastore dump."
-    check_equal(where, "shape", [num_rows, key_dim], list(keys.shape), fix)
-    check_equal(where, "key_sample_sha256", manifest["key_sample_sha256"], key_sample_fingerprint(keys), fix)
-    if keys.dtype not in (np.float16, np.float32):
-        raise DatastoreMismatchError(f"{where}: dtype is {keys.dtype}, expected float16 or float32. {fix}")
 
     config = choose_index_config(num_rows, key_dim, nlist, code_size, nbits, flat_below, train_size)
     request = {
@@ -361,16 +360,7 @@ def build_index(
     if ondisk:
         _fill_ondisk(index, keys, folder, add_batch, config, use_gpu)
     else:
-        if use_gpu:
-            index = _to_gpu(index, config)
-        with _progress_bar(num_rows) as progress:
-            _add_rows(index, keys, 0, num_rows, add_batch, config, progress)
-        if use_gpu:
-            index = faiss.index_gpu_to_cpu(index)
-        _write_index_atomic(index, os.path.join(folder, INDEX_FILE))
-        stale = os.path.join(folder, IVFDATA_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)
+        _fill_in_memory(index, keys, folder, add_batch, config, use_gpu)
 
     metadata.update(
         status=COMPLETE,
@@ -415,7 +405,8 @@ def load_index(datastore_dir, manifest=None, nprobe=32, use_gpu=False, mmap=Fals
         datastore_dir: the datastore folder.
         manifest: its manifest dict; read from ``manifest.json`` when None.
         nprobe: IVF cells visited per query (at most nlist); ignored for flat.
-        use_gpu: copy the index to the current CUDA device; needs faiss-gpu.
+        use_gpu: copy the index to the current CUDA device. Without faiss-gpu
+            or a visible GPU this raises :class:`GpuUnavailableError`.
         mmap: map the codes from the index file instead of reading them into
             RAM. An on-disk index always maps ``index.ivfdata``.
 
@@ -435,9 +426,9 @@ def load_index(datastore_dir, manifest=None, nprobe=32, use_gpu=False, mmap=Fals
 
     path = os.path.abspath(os.path.join(index_folder(datastore_dir), metadata["files"]["index"]))
     if metadata["ondisk"]:
-        # The index file stores the absolute path of index.ivfdata at build
-        # time; this flag looks for it next to the index file instead, so the
-        # datastore folder can move.
+        # The index file stores the absolute path that index.ivfdata had at
+        # build time. This flag looks for it next to the index file instead,
+        # so the datastore folder can move.
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR
     elif mmap and config.kind is IndexKind.FLAT:
         flags = faiss.IO_FLAG_MMAP_IFC
@@ -494,7 +485,7 @@ def search(index, queries, k):
     Returns:
         D: (n, k) float32 squared L2 distances (from PQ codes for IVFPQ).
         I: (n, k) int64 datastore rows. Slots beyond the keys found in the
-        visited cells, or beyond ntotal, hold id -1 and distance +inf.
+        visited cells, or beyond ntotal, contain id -1 and distance +inf.
     """
     assert queries.ndim == 2, f"queries must be (n, d), got shape {queries.shape}"
     n, d = queries.shape
@@ -506,7 +497,8 @@ def search(index, queries, k):
     I = I.astype(np.int64, copy=False)
     # faiss reports missing neighbours with the largest float32, not +inf.
     D = np.where(I >= 0, D, np.inf).astype(np.float32, copy=False)
-    assert D.shape == (n, k) and I.shape == (n, k)
+    assert D.shape == (n, k), f"faiss returned D of shape {D.shape}, expected {(n, k)}"
+    assert I.shape == (n, k), f"faiss returned I of shape {I.shape}, expected {(n, k)}"
     return D, I
 
 
@@ -528,9 +520,8 @@ def recall_at_k(index_I, exact_I, exact_D=None):
     exact_I = np.asarray(exact_I)
     assert index_I.ndim == 2, f"index_I must be (n, k), got shape {index_I.shape}"
     n, k = index_I.shape
-    assert exact_I.ndim == 2 and exact_I.shape[0] == n, (
-        f"exact_I must be ({n}, k2), got shape {exact_I.shape}"
-    )
+    assert exact_I.ndim == 2, f"exact_I must be (n, k2), got shape {exact_I.shape}"
+    assert exact_I.shape[0] == n, f"exact_I has {exact_I.shape[0]} rows, but index_I has {n}"
     assert exact_I.shape[1] >= k, f"exact_I has {exact_I.shape[1]} columns, fewer than k={k}"
     if n == 0:
         return 1.0
@@ -557,11 +548,26 @@ def recall_at_k(index_I, exact_I, exact_D=None):
     return float(per_query.mean())
 
 
+def _open_keys(datastore_dir, manifest):
+    """Open the (N, d) key memmap and check it against the manifest."""
+    keys = open_array(datastore_dir, manifest["keys"], what="datastore keys")
+    where = f"datastore keys in {datastore_dir}"
+    fix = "The manifest does not describe these keys; rerun the datastore dump."
+    check_equal(where, "shape", [manifest["num_rows"], manifest["key_dim"]], list(keys.shape), fix)
+    check_equal(where, "key_sample_sha256", manifest["key_sample_sha256"], key_sample_fingerprint(keys), fix)
+    if keys.dtype not in (np.float16, np.float32):
+        raise DatastoreMismatchError(f"{where}: dtype is {keys.dtype}, expected float16 or float32. {fix}")
+    return keys
+
+
 def _new_index(config, seed):
     index = faiss.index_factory(config.dim, config.factory, faiss.METRIC_L2)
     if config.kind is IndexKind.IVFPQ:
         faiss.extract_index_ivf(index).cp.seed = seed
         index.pq.cp.seed = seed
+        # Polysemous training reorders PQ codes for Hamming-distance filtering,
+        # which search here does not use, and takes most of the training time.
+        index.do_polysemous_training = False
     return index
 
 
@@ -589,13 +595,26 @@ def _add_rows(index, keys, begin, end, add_batch, config, progress):
         progress.update(hi - lo)
 
 
+def _fill_in_memory(trained, keys, folder, add_batch, config, use_gpu):
+    """Add all keys to ``trained`` in RAM and write it to ``folder``."""
+    index = _to_gpu(trained, config) if use_gpu else trained
+    with _progress_bar(keys.shape[0]) as progress:
+        _add_rows(index, keys, 0, keys.shape[0], add_batch, config, progress)
+    if use_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+    _write_index_atomic(index, os.path.join(folder, INDEX_FILE))
+    stale = os.path.join(folder, IVFDATA_FILE)  # left by an earlier on-disk build
+    if os.path.exists(stale):
+        os.remove(stale)
+
+
 def _fill_ondisk(trained, keys, folder, add_batch, config, use_gpu):
     """Add all keys into on-disk inverted lists and write the index to ``folder``.
 
     Each batch of ``add_batch`` keys is added to a copy of the trained index
     and written as a shard. The shards' inverted lists are then mapped from
-    their files and merged, list by list, into one ``index.ivfdata``, so RAM
-    holds one batch of keys, never all the codes.
+    their files and merged, list by list, into one ``index.ivfdata``, so the
+    codes need not fit in RAM at once.
     """
     num_rows = keys.shape[0]
     shard_dir = tempfile.mkdtemp(dir=folder, prefix=".tmp-shards-")
@@ -685,7 +704,7 @@ def _progress_bar(total):
 def _require_gpu():
     num_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if num_gpus == 0 or not hasattr(faiss, "StandardGpuResources"):
-        raise RuntimeError(
+        raise GpuUnavailableError(
             f"a GPU index was requested (use_gpu=True or --gpu), but faiss {faiss.__version__} "
             f"sees no GPU (faiss.get_num_gpus() returned {num_gpus}). Install faiss-gpu on a "
             f"machine with a CUDA GPU, or drop --gpu to use the CPU."
@@ -708,7 +727,7 @@ def _to_gpu(index, config):
     # GPU IVFPQ also accepts only some sub-quantizer counts M and raises for
     # the others.
     options = faiss.GpuClonerOptions()
-    if config.kind is IndexKind.IVFPQ and config.pq_m * 2**config.nbits * 4 > GPU_SHARED_MEMORY_BYTES:
+    if config.kind is IndexKind.IVFPQ and config.pq_m * 2**config.nbits >= GPU_FLOAT16_LUT_ENTRIES:
         options.useFloat16LookupTables = True
     resources = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(resources, _current_cuda_device(), index, options)

@@ -2,7 +2,7 @@
 
 Examples::
 
-    # IVF4096,PQ64x8 trained on 1M keys (the kNN-LM setting)
+    # The defaults: IVF4096,PQ64x8 trained on 1,000,000 sampled keys
     python -m ppkd_fairseq.cli.build_index datastores/wikitext-103-train
 
     # A datastore whose codes exceed RAM: inverted lists in index/index.ivfdata
@@ -30,58 +30,58 @@ def get_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dstore_dir", metavar="DSTORE_DIR", help="datastore folder with a complete manifest.json")
-    parser.add_argument(
+
+    shape = parser.add_argument_group("index shape")
+    shape.add_argument(
         "--nlist",
         type=int,
         default=4096,
         help="IVF cells (coarse centroids); shrunk to a power of two with 39 training keys per "
         "cell when the training sample is smaller (default: 4096)",
     )
-    parser.add_argument(
+    shape.add_argument(
         "--code-size",
         type=int,
         default=64,
         help="PQ sub-quantizers M, which is the code size in bytes per key at 8 bits; lowered to "
         "the largest divisor of the key dimension when it does not divide it (default: 64)",
     )
-    parser.add_argument(
-        "--nbits", type=int, default=8, help="bits per PQ sub-quantizer code, 1..16 (default: 8)"
-    )
-    parser.add_argument(
-        "--train-size",
-        type=int,
-        default=1_000_000,
-        help="keys sampled at random, without replacement, to train the index (default: 1000000)",
-    )
-    parser.add_argument(
-        "--add-batch",
-        type=int,
-        default=faiss_index.ADD_BATCH,
-        help="keys read, cast to float32 and added per step, and keys per shard with --ondisk "
-        f"(default: {faiss_index.ADD_BATCH})",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=1, help="seed of the training sample and of k-means (default: 1)"
-    )
-    parser.add_argument(
-        "--gpu",
-        action="store_true",
-        help="train and add on the current CUDA device; needs faiss-gpu (default: CPU)",
-    )
-    parser.add_argument(
-        "--ondisk",
-        action="store_true",
-        help="store the inverted lists in index/index.ivfdata, mapped from disk at search time, "
-        "for datastores whose PQ codes exceed RAM (IVFPQ only)",
-    )
-    parser.add_argument(
+    shape.add_argument("--nbits", type=int, default=8, help="bits per PQ sub-quantizer code, 1..16 (default: 8)")
+    shape.add_argument(
         "--flat-below",
         type=int,
         default=faiss_index.FLAT_BELOW,
         help="datastores with fewer keys than this get an exact IndexFlatL2 instead of IVFPQ "
         f"(default: {faiss_index.FLAT_BELOW} keys)",
     )
-    parser.add_argument(
+
+    build = parser.add_argument_group("build")
+    build.add_argument(
+        "--train-size",
+        type=int,
+        default=1_000_000,
+        help="keys sampled at random, without replacement, to train the index (default: 1000000)",
+    )
+    build.add_argument("--seed", type=int, default=1, help="seed of the training sample and of k-means (default: 1)")
+    build.add_argument(
+        "--add-batch",
+        type=int,
+        default=faiss_index.ADD_BATCH,
+        help="keys read, cast to float32 and added per step, and keys per shard with --ondisk "
+        f"(default: {faiss_index.ADD_BATCH})",
+    )
+    build.add_argument(
+        "--gpu",
+        action="store_true",
+        help="train and add on the current CUDA device; needs faiss-gpu (default: CPU)",
+    )
+    build.add_argument(
+        "--ondisk",
+        action="store_true",
+        help="store the inverted lists in index/index.ivfdata, mapped from disk at search time, "
+        "for datastores whose PQ codes exceed RAM (IVFPQ only)",
+    )
+    build.add_argument(
         "--overwrite",
         action="store_true",
         help="rebuild even when a complete index for this datastore and these options exists",
@@ -121,7 +121,7 @@ def main(argv=None):
             ondisk=args.ondisk,
             flat_below=args.flat_below,
         )
-    except (DatastoreMismatchError, ValueError, RuntimeError) as err:
+    except (DatastoreMismatchError, ValueError, faiss_index.GpuUnavailableError) as err:
         raise SystemExit(f"error: {err}")
 
 

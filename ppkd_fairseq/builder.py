@@ -94,6 +94,11 @@ def build_handler(task, model, dataset, shard_id=0, num_shards=1, context_window
                                mf.dictionary_fingerprint(dictionary), shard_id=shard_id, num_shards=num_shards)
         return DumpTeacherHandler(writer, starts, pad)
 
+    if args.ppkd_mode == "cache":
+        from .sweep_cache import build_cache_handler
+
+        return build_cache_handler(args, datastore, split, starts, pad, num_rows, num_shards, context_window)
+
     # eval
     from .index import load_index
 

@@ -7,14 +7,19 @@ ppkd_language_modeling``. ``--ppkd-mode`` selects what the run does:
   PP-KD with stored teachers; without ``--ppkd-dstore`` it is the plain LM;
 * ``dump``: write the datastore's keys and values over the evaluated split;
 * ``dump_teacher``: write a causal teacher's final hidden states for the rows
-  of an existing datastore (the teacher checkpoint is ``--path``).
+  of an existing datastore (the teacher checkpoint is ``--path``);
+* ``cache``: store each token's LM log-probability, neighbour distances and
+  teacher log-probabilities in ``--ppkd-cache-dir`` for a T, mu and lambda
+  sweep (see sweep_cache.py); the run reports the plain LM's perplexity.
 """
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
@@ -24,7 +29,13 @@ from .help import add_options_to_help
 
 logger = logging.getLogger(__name__)
 
-PPKD_MODE_CHOICES = ChoiceEnum(["eval", "dump", "dump_teacher"])
+# fairseq checkpoints of legacy models (RoBERTa, the published WikiText-103
+# LMs) pickle their options as argparse.Namespace, which torch >= 2.6 rejects
+# when loading with its default weights_only=True; fairseq 0.12 does not
+# pass weights_only, so allow that one class.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+PPKD_MODE_CHOICES = ChoiceEnum(["eval", "dump", "dump_teacher", "cache"])
 KEY_DTYPE_CHOICES = ChoiceEnum(["float16", "float32"])
 DISTANCE_CHOICES = ChoiceEnum(["exact", "faiss"])
 SEARCH_DEVICE_CHOICES = ChoiceEnum(["cpu", "gpu"])
@@ -36,7 +47,8 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
         default="eval",
         metadata={"help": "eval: score with the LM/kNN-LM/PP-KD; dump: write keys and values of the "
                           "evaluated split into --ppkd-dstore; dump_teacher: write the --path model's "
-                          "final hidden states as teacher --ppkd-teacher-name"},
+                          "final hidden states as teacher --ppkd-teacher-name; cache: store the inputs of the "
+                          "mixture for a T, mu and lambda sweep into --ppkd-cache-dir"},
     )
     ppkd_dstore: Optional[str] = field(
         default=None,
@@ -106,6 +118,12 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
     )
     ppkd_overwrite: bool = field(
         default=False, metadata={"help": "let dump replace a finished datastore in --ppkd-dstore"},
+    )
+    ppkd_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "folder that --ppkd-mode cache writes: per token, the LM's target log-probability, "
+                          "the --ppkd-k neighbours' distances and value matches, and the target "
+                          "log-probability of every teacher in --ppkd-teachers (default: all stored)"},
     )
     ppkd_index_mmap: bool = field(
         default=False, metadata={"help": "memory-map the index file instead of reading it into RAM"},

@@ -4,6 +4,7 @@ The models train for a few updates on a seeded synthetic corpus, which
 takes a few seconds each on a CPU; they are built once per test session.
 """
 
+import hashlib
 import os
 import random
 import subprocess
@@ -124,3 +125,39 @@ def eval_lm(data, checkpoint, *extra, split="train"):
 def reported_perplexity(output):
     line = [l for l in output.splitlines() if "Loss (base 2)" in l][-1]
     return float(line.rsplit("Perplexity:", 1)[1].strip())
+
+
+def file_snapshot(folder, names=("keys.npy", "values.npy")):
+    """Return ``{name: (sha256, mtime_ns)}`` of files in ``folder``."""
+    snapshot = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        snapshot[name] = (digest, os.stat(path).st_mtime_ns)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def tiny_datastore(tiny_data, tiny_models, tmp_path_factory):
+    """A datastore over the train split, with an exact index and two teachers.
+
+    Keys come from the pre-norm ``student`` with eval_lm's default batching.
+    Teacher ``causal`` is the adaptive-softmax LM and teacher ``postnorm``
+    the post-norm student (a full softmax).
+
+    Returns:
+        dict with ``folder`` and ``before_teachers``, the
+        :func:`file_snapshot` of keys.npy and values.npy taken after the
+        index was built and before any teacher was added.
+    """
+    from ppkd_fairseq.index import build_index
+
+    folder = str(tmp_path_factory.mktemp("tiny_datastore") / "train")
+    eval_lm(tiny_data, tiny_models["student"], "--ppkd-mode", "dump", "--ppkd-dstore", folder)
+    build_index(folder)  # under flat_below keys, so an exact IndexFlatL2
+    before_teachers = file_snapshot(folder)
+    for name, model in (("causal", "teacher_adaptive"), ("postnorm", "student_postnorm")):
+        eval_lm(tiny_data, tiny_models[model], "--ppkd-mode", "dump_teacher", "--ppkd-dstore", folder,
+                "--ppkd-teacher-name", name)
+    return {"folder": folder, "before_teachers": before_teachers}

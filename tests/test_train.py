@@ -1,8 +1,8 @@
 """Tests for ``ppkd_fairseq.cli.train``: configurations, training and resuming.
 
 The training tests run fairseq-train on CPU for a few updates of 1-layer,
-16-wide models over the ``tiny_data`` corpus of conftest.py; each run takes
-a few seconds, mostly importing fairseq.
+16-wide models over the ``tiny_data`` corpus of conftest.py. Each run takes
+a few seconds, most of it spent importing fairseq.
 """
 
 import glob
@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
+from fairseq.data import Dictionary
 
 from ppkd_fairseq.cli import train
 
@@ -170,9 +171,9 @@ def test_masked_lm_trains(tmp_path, tiny_data):
     assert state["cfg"]["task"]["_name"] == "masked_lm"
     assert model_setting(state, "encoder_layers") == 1
     embed = state["model"]["encoder.sentence_encoder.embed_tokens.weight"]
-    # The task appends <mask> to the 40 words, 4 specials and padding to 8.
-    assert embed.shape[1] == 16
-    assert embed.shape[0] > 44
+    dictionary = Dictionary.load(os.path.join(tiny_data, "dict.txt"))
+    # The task appends <mask> to the data-bin's dictionary.
+    assert tuple(embed.shape) == (len(dictionary) + 1, 16)
 
 
 def run_script(name, *args, dry_run=True):
@@ -244,7 +245,7 @@ def test_shipped_config_parses(path, fairseq_parse):
 
 WT103_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith("wt103_")]
 
-# Width, depth and FFN of each WikiText-103 configuration: (layers, d, FFN, heads).
+# Size of each WikiText-103 configuration: (layers, d, FFN width, heads).
 WT103_SIZES = {
     "wt103_student_small": (4, 384, 1024, 6),
     "wt103_student_mid": (6, 768, 1536, 8),
@@ -286,3 +287,9 @@ def test_wt103_config_training_settings(path, fairseq_parse):
     if config["task"] == "language_modeling":
         tied = (args.adaptive_input and args.tie_adaptive_weights) or args.share_decoder_input_output_embed
         assert tied, f"{name}: input and output embeddings are not shared"
+        # fairseq's dataclass defaults these to 512 whatever the width is.
+        assert args.decoder_input_dim == args.decoder_embed_dim
+        assert args.decoder_output_dim == args.decoder_embed_dim
+    else:
+        assert not args.untie_weights_roberta
+        assert args.max_positions >= args.tokens_per_sample

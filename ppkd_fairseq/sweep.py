@@ -1,0 +1,369 @@
+"""Perplexity of the kNN-LM and PP-KD over a grid of T, mu and lambda.
+
+The inputs are the per-token arrays of the sweep cache (sweep_cache.py), as
+tensors. For each temperature T the neighbour weights are computed once and
+reduced to per-token ``log P_hard(target)`` and, per teacher set,
+``log P_logit(target)``; every (mu, lambda) pair then costs a few operations
+on (n,) vectors. The functions of mixture.py do the math, so a grid point
+equals what ``fairseq-eval-lm --ppkd-mode eval`` reports at the same settings:
+tokens without a valid neighbour are scored by the LM alone, and a token
+with probability 0 makes the perplexity infinite, as in the PP-KD summary.
+
+A teacher set is one stored teacher, or several averaged as probability
+distributions per neighbour (the mixed teacher), as ``--ppkd-teachers a,b``
+does. The kNN-LM is mu = 1 and needs no teacher.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import mixture
+
+logger = logging.getLogger(__name__)
+
+# 1-2-5 steps from 0.5 to 1000 squared-L2 units; 10 is the best T of Jin, Ge
+# and Wei (AACL 2022) for both the kNN-LM and PP-KD.
+DEFAULT_TEMPERATURES = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+DEFAULT_MUS = tuple(round(0.1 * i, 10) for i in range(11))  # 0, 0.1, ..., 1; 0.4 is the PP-KD best
+DEFAULT_LAMBDAS = tuple(round(0.05 * i, 10) for i in range(20))  # 0, 0.05, ..., 0.95; 0.25 and 0.5 are the bests
+
+# With T = m / 100, where m is the median squared L2 distance to the nearest
+# neighbour, a gap of a few percent of m between the first and second
+# neighbour already puts nearly all weight on the first; with T = 10 m the
+# weights of neighbours within about m of each other are nearly uniform.
+# Between the two lies the range where T changes the mixture.
+EXTEND_BELOW = 0.01
+EXTEND_ABOVE = 10.0
+
+
+@dataclass
+class Grid:
+    """The values of T (squared-L2 units), mu and lambda to evaluate."""
+
+    temperatures: list
+    mus: list
+    lambdas: list
+
+    def __post_init__(self):
+        self.temperatures = sorted(set(float(t) for t in self.temperatures))
+        self.mus = sorted(set(float(m) for m in self.mus))
+        self.lambdas = sorted(set(float(x) for x in self.lambdas))
+        if not self.temperatures or not self.mus or not self.lambdas:
+            raise ValueError(f"every axis of the grid needs at least one value, got {self}")
+        if self.temperatures[0] <= 0:
+            raise ValueError(f"temperatures must be > 0, got {self.temperatures[0]}")
+        for name, values in (("mu", self.mus), ("lambda", self.lambdas)):
+            if values[0] < 0 or values[-1] > 1:
+                raise ValueError(f"{name} values must be in [0, 1], got {values[0]} .. {values[-1]}")
+
+    @property
+    def size(self):
+        return len(self.temperatures) * len(self.mus) * len(self.lambdas)
+
+
+@dataclass
+class TeacherSet:
+    """A model of the sweep: the kNN-LM (no teacher) or PP-KD with teachers ``names``."""
+
+    names: list
+
+    @property
+    def label(self):
+        return "knn_lm" if not self.names else "ppkd-" + "+".join(self.names)
+
+
+def teacher_sets(names):
+    """Return the kNN-LM, one set per teacher, and the mixed teacher of two or more."""
+    sets = [TeacherSet([])] + [TeacherSet([name]) for name in names]
+    if len(names) >= 2:
+        sets.append(TeacherSet(list(names)))
+    return sets
+
+
+def one_two_five_series(low, high):
+    """Return the 1, 2, 5 times powers of ten from the last one <= low to the first one >= high."""
+    assert 0 < low <= high, f"need 0 < low <= high, got {low}, {high}"
+    exponents = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 2)
+    values = [float(f"{mantissa}e{exponent}") for exponent in exponents for mantissa in (1, 2, 5)]
+    start = max(v for v in values if v <= low)
+    stop = min(v for v in values if v >= high)
+    return [v for v in values if start <= v <= stop]
+
+
+def extend_temperatures(temperatures, median_nearest):
+    """Add 1-2-5 values so that the temperatures cover [m / 100, 10 m].
+
+    Args:
+        temperatures: the requested values.
+        median_nearest: m, the median squared L2 distance from a token to its
+            nearest neighbour; None or non-positive leaves the list as it is.
+
+    Returns:
+        sorted list of the requested values plus the added ones.
+    """
+    values = sorted(set(float(t) for t in temperatures))
+    if median_nearest is None or not median_nearest > 0 or not math.isfinite(median_nearest):
+        return values
+    low, high = EXTEND_BELOW * median_nearest, EXTEND_ABOVE * median_nearest
+    added = []
+    if low < values[0]:
+        added += [t for t in one_two_five_series(low, values[0]) if t < values[0]]
+    if high > values[-1]:
+        added += [t for t in one_two_five_series(values[-1], high) if t > values[-1]]
+    return sorted(set(values + added))
+
+
+def median_nearest_distance(distance_chunks):
+    """Return the median squared L2 distance from a token to its nearest neighbour.
+
+    Args:
+        distance_chunks: iterable of (m, k) float32 distances, +inf where invalid.
+
+    Returns:
+        float, or None when no token has a neighbour.
+    """
+    nearest = [d.float().min(dim=-1).values for d in distance_chunks]  # each (m,)
+    nearest = torch.cat(nearest) if nearest else torch.empty(0)
+    nearest = nearest[torch.isfinite(nearest)]
+    return float(nearest.median()) if nearest.numel() else None
+
+
+def reduce_chunk(chunk, temperatures, sets):
+    """Reduce one chunk of cached tokens to per-T target log-probabilities.
+
+    Args:
+        chunk: dict with ``distances`` (m, k) float32 squared L2 (+inf where
+            invalid), ``value_match`` (m, k) bool, and ``teachers``, a dict
+            name -> (m, k) float32 teacher target log-probabilities.
+        temperatures: the T values.
+        sets: the :class:`TeacherSet` list; only sets with teachers get a
+            ``logit`` entry.
+
+    Returns:
+        dict with ``hard`` (nT, m), ``logit`` (label -> (nT, m)) and
+        ``found`` (m,) bool, the token has at least one valid neighbour.
+    """
+    distances = chunk["distances"]
+    value_match = chunk["value_match"]
+    m, k = distances.shape
+    assert value_match.shape == (m, k), f"value_match has shape {tuple(value_match.shape)}, expected {(m, k)}"
+    valid = torch.isfinite(distances)
+    teacher_lp = {}
+    for s in sets:
+        if not s.names:
+            continue
+        per_teacher = [chunk["teachers"][name] for name in s.names]
+        for name, lp in zip(s.names, per_teacher):
+            assert lp.shape == (m, k), f"teacher {name}: shape {tuple(lp.shape)}, expected {(m, k)}"
+        teacher_lp[s.label] = per_teacher[0] if len(per_teacher) == 1 else mixture.average_teachers(per_teacher)
+    hard = torch.empty(len(temperatures), m)
+    logit = {label: torch.empty(len(temperatures), m) for label in teacher_lp}
+    found = valid.any(dim=-1)
+    for i, temperature in enumerate(temperatures):
+        log_w = mixture.log_weights(distances, temperature, valid)  # (m, k)
+        hard[i] = mixture.hard_target_log_prob(log_w, value_match)
+        for label, lp in teacher_lp.items():
+            logit[label][i] = mixture.logit_target_log_prob(log_w, lp)
+    return {"hard": hard, "logit": logit, "found": found}
+
+
+def mix_many(log_a, log_b, weights):
+    """Return ``log(w * a + (1 - w) * b)`` for each weight, (W, n).
+
+    Like :func:`mixture.mix` row by row: a weight of 0 or 1 gives ``log_b`` or
+    ``log_a`` exactly. The other rows can differ from it in the last bit,
+    because the vectorised ``logaddexp`` rounds differently.
+    """
+    w = torch.tensor(weights, dtype=torch.float64)
+    log_w = torch.log(w).float().unsqueeze(-1)  # (W, 1)
+    log_1mw = torch.log1p(-w).float().unsqueeze(-1)
+    out = torch.logaddexp(log_a.unsqueeze(0) + log_w, log_b.unsqueeze(0) + log_1mw)  # (W, n)
+    out[w == 0.0] = log_b
+    out[w == 1.0] = log_a
+    return out
+
+
+def perplexities(final, count):
+    """Return (perplexity, infinite) per row of (G, n) target log-probabilities.
+
+    ``infinite`` counts tokens of probability 0; a row with any gets an
+    infinite perplexity, as the PP-KD summary does.
+    """
+    finite = torch.isfinite(final)
+    infinite = (~finite).sum(dim=-1)
+    total = torch.where(finite, final, torch.zeros_like(final)).double().sum(dim=-1)
+    loss = -total / count / math.log(2)
+    perplexity = torch.where(infinite == 0, torch.pow(2.0, loss), torch.full_like(loss, float("inf")))
+    return perplexity, infinite
+
+
+def perplexity_grid(lm, found, hard, logit, mus, lambdas):
+    """Return (perplexity, infinite), each (M, L), of one T and teacher set.
+
+    Args:
+        lm: (n,) ``log P_LM(target)``.
+        found: (n,) bool, the token has a valid neighbour.
+        hard: (n,) ``log P_hard(target)`` at this T.
+        logit: (n,) ``log P_logit(target)`` at this T, or None for the kNN-LM.
+        mus, lambdas: the grid values; ``mus`` must be [1.0] without ``logit``.
+    """
+    n = lm.shape[0]
+    assert found.shape == hard.shape == (n,), f"found {tuple(found.shape)}, hard {tuple(hard.shape)}, lm ({n},)"
+    if logit is None:
+        assert list(mus) == [1.0], f"the kNN-LM has mu = 1 only, got {mus}"
+        logit = torch.full_like(hard, float("-inf"))
+    perplexity = torch.empty(len(mus), len(lambdas), dtype=torch.float64)
+    infinite = torch.empty(len(mus), len(lambdas), dtype=torch.int64)
+    for i, mu in enumerate(mus):
+        knn = mixture.mix(hard, logit, mu)  # (n,)
+        final = mix_many(knn, lm, lambdas)  # (L, n)
+        final = torch.where(found.unsqueeze(0), final, lm.unsqueeze(0))
+        perplexity[i], infinite[i] = perplexities(final, n)
+    return perplexity, infinite
+
+
+@dataclass
+class SweepResult:
+    """Perplexities of every grid point, per teacher set.
+
+    Attributes:
+        grid: the evaluated :class:`Grid`.
+        sets: the :class:`TeacherSet` list.
+        perplexity: label -> (nT, M, L) float64; M is 1 (mu = 1) for the kNN-LM.
+        infinite: label -> (nT, M, L) tokens of probability 0.
+        tokens: scored tokens n.
+        tokens_without_neighbours: tokens scored by the LM alone.
+        lm_perplexity: the LM's perplexity over the same tokens.
+        median_nearest: median squared L2 distance to the nearest neighbour.
+    """
+
+    grid: Grid
+    sets: list
+    perplexity: dict
+    infinite: dict
+    tokens: int
+    tokens_without_neighbours: int
+    lm_perplexity: float
+    median_nearest: float = None
+
+    def mus(self, label):
+        return [1.0] if label == "knn_lm" else self.grid.mus
+
+    def rows(self):
+        """Yield one dict per grid point: model, teachers, T, mu, lambda, perplexity."""
+        for s in self.sets:
+            table = self.perplexity[s.label]
+            for i, temperature in enumerate(self.grid.temperatures):
+                for j, mu in enumerate(self.mus(s.label)):
+                    for l, lam in enumerate(self.grid.lambdas):
+                        yield {
+                            "model": s.label, "teachers": "+".join(s.names), "temperature": temperature,
+                            "mu": mu, "lambda": lam, "perplexity": float(table[i, j, l]),
+                        }
+
+    def best(self, teacher_set):
+        """Return the best point of one teacher set with its edge messages.
+
+        Ties go to the first point in T, mu, lambda order.
+        """
+        table = self.perplexity[teacher_set.label]
+        flat = int(torch.argmin(table.reshape(-1)))
+        i, j, l = torch.unravel_index(torch.tensor(flat), table.shape)
+        point = {
+            "model": teacher_set.label,
+            "teachers": list(teacher_set.names),
+            "temperature": self.grid.temperatures[int(i)],
+            "mu": self.mus(teacher_set.label)[int(j)],
+            "lambda": self.grid.lambdas[int(l)],
+            "perplexity": float(table[i, j, l]),
+            "tokens_with_zero_probability": int(self.infinite[teacher_set.label][i, j, l]),
+        }
+        point["edges"] = edge_messages(point, self.grid, mu_fixed=not teacher_set.names)
+        return point
+
+
+def edge_messages(point, grid, mu_fixed=False):
+    """List the axes on which ``point`` lies on the edge of ``grid``.
+
+    T has no natural bound, so its first and last values are edges. For mu
+    and lambda only grid ends inside (0, 1) count, because 0 and 1 are the
+    ends of their range.
+    """
+    messages = []
+    temperatures = grid.temperatures
+    t = point["temperature"]
+    if t in (temperatures[0], temperatures[-1]):
+        messages.append(
+            f"T = {t:g} is on the edge of the grid [{temperatures[0]:g}, {temperatures[-1]:g}]: "
+            f"widen --temperatures"
+        )
+    axes = [("lambda", grid.lambdas, "--lambdas")]
+    if not mu_fixed:
+        axes.insert(0, ("mu", grid.mus, "--mus"))
+    for name, values, option in axes:
+        value = point[name]
+        if (value == values[0] and values[0] > 0) or (value == values[-1] and values[-1] < 1):
+            messages.append(
+                f"{name} = {value:g} is on the edge of the grid [{values[0]:g}, {values[-1]:g}]: widen {option}"
+            )
+    return messages
+
+
+def run_sweep(chunks, grid, teacher_names, num_chunks=None, progress=True):
+    """Evaluate every grid point for the kNN-LM and each teacher set.
+
+    Args:
+        chunks: iterable of dicts with ``lm`` (m,), ``distances`` (m, k),
+            ``value_match`` (m, k) and ``teachers`` (name -> (m, k)), as
+            :meth:`SweepCache.iter_chunks` yields them.
+        grid: the :class:`Grid`.
+        teacher_names: the teachers to sweep; with two or more the mixed
+            teacher is swept too.
+        num_chunks: length of ``chunks``, for the progress bar.
+        progress: show tqdm progress bars.
+
+    Returns:
+        :class:`SweepResult`.
+    """
+    sets = teacher_sets(teacher_names)
+    temperatures = grid.temperatures
+    lm_parts, found_parts, hard_parts = [], [], []
+    logit_parts = {s.label: [] for s in sets if s.names}
+    for chunk in tqdm(chunks, total=num_chunks, desc="neighbour weights", unit="chunk", disable=not progress):
+        reduced = reduce_chunk(chunk, temperatures, sets)
+        lm_parts.append(chunk["lm"].float())
+        found_parts.append(reduced["found"])
+        hard_parts.append(reduced["hard"])
+        for label, values in reduced["logit"].items():
+            logit_parts[label].append(values)
+    if not lm_parts:
+        raise ValueError("the sweep got no tokens; the cache is empty")
+    lm = torch.cat(lm_parts)  # (n,)
+    found = torch.cat(found_parts)  # (n,)
+    hard = torch.cat(hard_parts, dim=1)  # (nT, n)
+    logit = {label: torch.cat(parts, dim=1) for label, parts in logit_parts.items()}  # each (nT, n)
+    n = lm.shape[0]
+
+    perplexity, infinite = {}, {}
+    steps = tqdm(total=len(sets) * len(temperatures), desc="grid", unit="T", disable=not progress)
+    for s in sets:
+        mus = [1.0] if not s.names else grid.mus
+        table = torch.empty(len(temperatures), len(mus), len(grid.lambdas), dtype=torch.float64)
+        zeros = torch.empty(len(temperatures), len(mus), len(grid.lambdas), dtype=torch.int64)
+        for i in range(len(temperatures)):
+            table[i], zeros[i] = perplexity_grid(
+                lm, found, hard[i], logit[s.label][i] if s.names else None, mus, grid.lambdas
+            )
+            steps.update()
+        perplexity[s.label], infinite[s.label] = table, zeros
+    steps.close()
+
+    lm_ppl, _ = perplexities(lm.unsqueeze(0), n)
+    return SweepResult(
+        grid=grid, sets=sets, perplexity=perplexity, infinite=infinite, tokens=n,
+        tokens_without_neighbours=int((~found).sum()), lm_perplexity=float(lm_ppl[0]),
+    )

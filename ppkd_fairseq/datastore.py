@@ -39,6 +39,11 @@ TEACHER_MANIFEST = "teacher.json"
 SHARDS_DIR = ".shards"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
+# Fields that loaders read from manifest.json and teacher.json.
+DATASTORE_FIELDS = ("format_version", "datastore_id", "num_rows", "key_dim", "keys", "values", "dictionary",
+                    "key_sample_sha256", "student")
+TEACHER_FIELDS = ("datastore_id", "num_rows", "dictionary", "states", "lognorm", "head")
+
 
 class _FolderLock:
     """An exclusive ``flock`` on ``FOLDER/.lock`` (shards of one dump share files)."""
@@ -254,6 +259,7 @@ class Datastore:
             raise mf.DatastoreMismatchError(
                 f"datastore {folder}: format is {manifest.get('format')!r}, expected {mf.FORMAT!r}"
             )
+        mf.check_fields(f"datastore {folder}", manifest, DATASTORE_FIELDS, fix)
         keys = mf.open_array(folder, manifest["keys"], what="keys")
         values = mf.open_array(folder, manifest["values"], what="values")
         values = values.reshape(-1) if values.ndim == 2 else values
@@ -307,6 +313,7 @@ class Datastore:
                 f"{what}: not found. Available teachers: {', '.join(self.teacher_names()) or 'none'}"
             )
         manifest = mf.read_json(os.path.join(folder, TEACHER_MANIFEST), what, fix)
+        mf.check_fields(what, manifest, TEACHER_FIELDS, fix)
         mf.check_equal(what, "datastore_id", self.manifest["datastore_id"], manifest["datastore_id"], fix)
         mf.check_equal(what, "num_rows", self.num_rows, manifest["num_rows"], fix)
         mf.check_equal(what, "dictionary", self.manifest["dictionary"], manifest["dictionary"],

@@ -101,7 +101,9 @@ def open_array(folder, spec, mode="r", what="array"):
     """Open the array described by ``spec`` as a NumPy memmap.
 
     The file's size must equal ``offset + prod(shape) * itemsize``; a
-    truncated or oversized file is rejected.
+    truncated or oversized file is rejected. For ``layout: npy`` the file's
+    own header must also give the manifest's dtype, shape and offset, which
+    catches a wrong dtype of the same item size (float16 read as int16).
     """
     path = spec["file"] if os.path.isabs(spec["file"]) else os.path.join(folder, spec["file"])
     if not os.path.exists(path):
@@ -119,7 +121,34 @@ def open_array(folder, spec, mode="r", what="array"):
             f"{dtype.name} at offset {spec['offset']} needs {expected}; the file is truncated "
             f"or belongs to another datastore, so rebuild it"
         )
+    if spec.get("layout") == "npy":
+        _check_npy_header(path, dtype, shape, spec["offset"], what)
     return np.memmap(path, dtype=dtype, mode=mode, offset=spec["offset"], shape=shape)
+
+
+def _check_npy_header(path, dtype, shape, offset, what):
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            header_shape, fortran, header_dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            header_shape, fortran, header_dtype = np.lib.format.read_array_header_2_0(f)
+        header_offset = f.tell()
+    found = (header_dtype.name, list(header_shape), header_offset, fortran)
+    listed = (dtype.name, list(shape), offset, False)
+    if found != listed:
+        raise DatastoreMismatchError(
+            f"{what}: the .npy header of {path} gives dtype, shape, offset and Fortran order {found} "
+            f"but the manifest lists {listed}; the manifest was edited or the file belongs to "
+            f"another datastore, so rebuild it"
+        )
+
+
+def check_fields(what, manifest, fields, fix):
+    """Raise :class:`DatastoreMismatchError` naming the ``fields`` missing from ``manifest``."""
+    missing = [field for field in fields if field not in manifest]
+    if missing:
+        raise DatastoreMismatchError(f"{what}: the manifest lacks the fields {', '.join(missing)}. {fix}")
 
 
 def check_equal(what, field, expected, actual, fix):

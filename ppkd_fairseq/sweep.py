@@ -39,6 +39,11 @@ DEFAULT_LAMBDAS = tuple(round(0.05 * i, 10) for i in range(20))  # 0, 0.05, ...,
 EXTEND_BELOW = 0.01
 EXTEND_ABOVE = 10.0
 
+# Sums of float32 products below this are recomputed in log space; the
+# smallest normal float32 is 1.2e-38, so terms that underflow add at most
+# about 1e-8 of relative error to a sum above it.
+UNDERFLOW = 1e-30
+
 
 @dataclass
 class Grid:
@@ -132,8 +137,17 @@ def median_nearest_distance(distance_chunks):
     return float(nearest.median()) if nearest.numel() else None
 
 
-def reduce_chunk(chunk, temperatures, sets):
+def reduce_chunk(chunk, temperatures, sets, block_elements=1 << 23):
     """Reduce one chunk of cached tokens to per-T target log-probabilities.
+
+    With ``g_j = d_j - min_j d_j`` and ``e_j = exp(-g_j / T)``, the weights are
+    ``a_j = e_j / Z`` with ``Z = sum_j e_j``, so ``P_hard = sum_j e_j [v_j = w] / Z``
+    and ``P_logit = sum_j e_j p_j / Z``: one exp per neighbour and T, and one
+    batched matrix product for all sums. The nearest neighbour has ``e_j = 1``,
+    so ``Z >= 1`` never underflows. A sum below ``UNDERFLOW`` has lost
+    precision to float32 underflow (far matches at a small T, or tiny teacher
+    probabilities); those tokens are recomputed in log space by mixture.py,
+    which also keeps a nonzero probability where the sum underflowed to 0.
 
     Args:
         chunk: dict with ``distances`` (m, k) float32 squared L2 (+inf where
@@ -142,16 +156,19 @@ def reduce_chunk(chunk, temperatures, sets):
         temperatures: the T values.
         sets: the :class:`TeacherSet` list; only sets with teachers get a
             ``logit`` entry.
+        block_elements: tokens x T x k per exp block; 2**23 float32 is 32 MiB.
 
     Returns:
         dict with ``hard`` (nT, m), ``logit`` (label -> (nT, m)) and
         ``found`` (m,) bool, the token has at least one valid neighbour.
+        Tokens without a neighbour get ``-inf`` in ``hard`` and ``logit``.
     """
-    distances = chunk["distances"]
+    distances = chunk["distances"].float()
     value_match = chunk["value_match"]
     m, k = distances.shape
     assert value_match.shape == (m, k), f"value_match has shape {tuple(value_match.shape)}, expected {(m, k)}"
     valid = torch.isfinite(distances)
+    found = valid.any(dim=-1)
     teacher_lp = {}
     for s in sets:
         if not s.names:
@@ -160,14 +177,40 @@ def reduce_chunk(chunk, temperatures, sets):
         for name, lp in zip(s.names, per_teacher):
             assert lp.shape == (m, k), f"teacher {name}: shape {tuple(lp.shape)}, expected {(m, k)}"
         teacher_lp[s.label] = per_teacher[0] if len(per_teacher) == 1 else mixture.average_teachers(per_teacher)
-    hard = torch.empty(len(temperatures), m)
-    logit = {label: torch.empty(len(temperatures), m) for label in teacher_lp}
-    found = valid.any(dim=-1)
+    labels = list(teacher_lp)
+
+    nearest = torch.where(found, distances.min(dim=-1).values, torch.zeros(m))
+    gaps = distances - nearest.unsqueeze(-1)  # (m, k), >= 0, +inf where invalid
+    columns = [valid.float(), value_match.float()] + [teacher_lp[label].float().exp() for label in labels]
+    factors = torch.stack(columns, dim=-1)  # (m, k, S): 1, [v_j = w], p_j per teacher set
+    scale = torch.tensor([-1.0 / t for t in temperatures], dtype=torch.float32)  # (nT,)
+    sums = torch.empty(m, len(temperatures), factors.shape[-1])  # (m, nT, S)
+    block = max(1, block_elements // (len(temperatures) * k))
+    for begin in range(0, m, block):
+        rows = slice(begin, begin + block)
+        e = torch.exp(gaps[rows].unsqueeze(1) * scale.view(1, -1, 1))  # (b, nT, k)
+        sums[rows] = torch.bmm(e, factors[rows])
+    log_sums = sums.log()
+    log_z = log_sums[..., 0]  # (m, nT)
+    hard = (log_sums[..., 1] - log_z).t().contiguous()  # (nT, m)
+    logit = {label: (log_sums[..., 2 + i] - log_z).t().contiguous() for i, label in enumerate(labels)}
+
+    has_match = value_match.any(dim=-1)
     for i, temperature in enumerate(temperatures):
-        log_w = mixture.log_weights(distances, temperature, valid)  # (m, k)
-        hard[i] = mixture.hard_target_log_prob(log_w, value_match)
-        for label, lp in teacher_lp.items():
-            logit[label][i] = mixture.logit_target_log_prob(log_w, lp)
+        redo = has_match & (sums[:, i, 1] < UNDERFLOW)
+        for j in range(len(labels)):
+            redo |= sums[:, i, 2 + j] < UNDERFLOW
+        redo &= found
+        if not redo.any():
+            continue
+        log_w = mixture.log_weights(distances[redo], temperature, valid[redo])
+        hard[i, redo] = mixture.hard_target_log_prob(log_w, value_match[redo])
+        for label in labels:
+            logit[label][i, redo] = mixture.logit_target_log_prob(log_w, teacher_lp[label][redo])
+
+    hard[:, ~found] = float("-inf")
+    for values in logit.values():
+        values[:, ~found] = float("-inf")
     return {"hard": hard, "logit": logit, "found": found}
 
 

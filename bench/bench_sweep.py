@@ -1,7 +1,7 @@
 """Time a T, mu and lambda sweep against one PP-KD evaluation of the same split.
 
 The sweep (cache pass plus a grid of at least 500 points) replaces one
-fairseq-eval-lm run per grid point; this script measures how much more than
+fairseq-eval-lm run per grid point. This script measures how much more than
 one such run it costs. Before timing, it checks that the sweep's perplexity
 at T = 10, mu = 0.4, lambda = 0.5 with all teachers equals what
 fairseq-eval-lm reports at that point (relative difference at most 1e-6).
@@ -84,15 +84,24 @@ def print_environment():
 
 
 def build_tiny_setup(folder):
-    """Build the tiny corpus, student, causal teacher, datastore and index of the tests; return paths."""
+    """Build the tiny corpus, student, causal teacher, datastore and index of the tests; return paths.
+
+    A setup that an earlier run completed in ``folder`` is reused.
+    """
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import conftest
 
+    data = os.path.join(folder, "data-bin")
+    dstore = os.path.join(folder, "dstore")
+    done = os.path.join(folder, "setup.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            paths = json.load(f)
+        return paths["data"], paths["student"], paths["dstore"]
     raw = os.path.join(folder, "raw")
     os.makedirs(raw, exist_ok=True)
     for split, lines, seed in (("train", 300, 1), ("valid", 40, 2), ("test", 40, 3)):
         conftest.write_corpus(os.path.join(raw, f"{split}.tokens"), lines, seed)
-    data = os.path.join(folder, "data-bin")
     conftest.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
                   "--trainpref", os.path.join(raw, "train.tokens"), "--validpref", os.path.join(raw, "valid.tokens"),
                   "--testpref", os.path.join(raw, "test.tokens"), "--destdir", data, "--workers", "1"])
@@ -102,11 +111,12 @@ def build_tiny_setup(folder):
         data, os.path.join(folder, "teacher"),
         ["--decoder-normalize-before", "--criterion", "adaptive_loss", "--adaptive-softmax-cutoff", "20,40",
          "--adaptive-softmax-factor", "2", "--ddp-backend", "legacy_ddp"])
-    dstore = os.path.join(folder, "dstore")
     conftest.eval_lm(data, student, "--ppkd-mode", "dump", "--ppkd-dstore", dstore)
     conftest.run([sys.executable, "-m", "ppkd_fairseq.cli.build_index", dstore])
     conftest.eval_lm(data, teacher, "--ppkd-mode", "dump_teacher", "--ppkd-dstore", dstore,
                      "--ppkd-teacher-name", "causal")
+    with open(done, "w") as f:
+        json.dump({"data": data, "student": student, "dstore": dstore}, f)
     return data, student, dstore
 
 

@@ -9,10 +9,10 @@ states:
 * :class:`DatastoreTeacher` reads the states that ``--ppkd-mode
   dump_teacher`` stored for the training split, one row per token.
 
-The two agree up to the float16 rounding of stored states, provided that
-the dump cut the training split into the same blocks as training does
-(same ``--tokens-per-sample`` and ``--sample-break-mode``, no context
-window), because a state depends on the context the teacher saw.
+A state depends on the context the teacher saw. So the two sources agree,
+up to the float16 rounding of stored states, when the dump cut the training
+split into the blocks that training uses: the same ``--tokens-per-sample``
+and ``--sample-break-mode``, and no context window.
 """
 
 import logging
@@ -30,6 +30,8 @@ from .datastore import Datastore
 from .teacher_head import TeacherHead, full_log_probs
 
 logger = logging.getLogger(__name__)
+
+CAUSAL_TASKS = ("language_modeling", "ppkd_language_modeling")
 
 
 def head_to(head, device):
@@ -59,7 +61,14 @@ class CheckpointTeacher:
         dictionary = task.target_dictionary
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
         cfg = state["cfg"]
+        teacher_task = cfg.task.get("_name")
+        if teacher_task not in CAUSAL_TASKS:
+            raise ValueError(
+                f"teacher checkpoint {path} was trained with task {teacher_task}, expected a causal "
+                f"language model (task {' or '.join(CAUSAL_TASKS)})"
+            )
         check_teacher_dictionary(path, cfg, dictionary)
+
         try:
             models, _ = checkpoint_utils.load_model_ensemble([path], task=task, state=state)
         except RuntimeError as error:
@@ -73,9 +82,10 @@ class CheckpointTeacher:
         model = models[0]
         if not isinstance(model, FairseqLanguageModel):
             raise ValueError(
-                f"teacher checkpoint {path} holds a {type(model).__name__}, expected a causal fairseq "
-                f"language model (task language_modeling)"
+                f"teacher checkpoint {path} contains a {type(model).__name__}, expected a causal fairseq "
+                f"language model (a FairseqLanguageModel)"
             )
+
         model.eval()
         model.requires_grad_(False)
         self.model = model
@@ -112,8 +122,8 @@ def check_teacher_dictionary(path, cfg, dictionary):
     """Compare the dictionary a teacher was trained with to ``dictionary``.
 
     A checkpoint stores the path of its training data, not its dictionary,
-    so the check reads ``dict.txt`` from that path when it still exists;
-    otherwise only the vocabulary size is checked, when the weights load.
+    so the check reads ``dict.txt`` from that path when it still exists.
+    Otherwise only the vocabulary size is checked, when the weights load.
     """
     data = str(cfg.task.get("data", "") or "")
     dict_path = os.path.join(data.split(os.pathsep)[0], "dict.txt") if data else ""

@@ -148,7 +148,7 @@ def check_fields(what, manifest, fields, fix):
     """Raise :class:`DatastoreMismatchError` naming the ``fields`` missing from ``manifest``."""
     missing = [field for field in fields if field not in manifest]
     if missing:
-        raise DatastoreMismatchError(f"{what}: the manifest lacks the fields {', '.join(missing)}. {fix}")
+        raise DatastoreMismatchError(f"{what}: the manifest is missing the fields {', '.join(missing)}. {fix}")
 
 
 def check_equal(what, field, expected, actual, fix):

@@ -3,11 +3,12 @@
 The inputs are the per-token arrays of the sweep cache (sweep_cache.py), as
 tensors. For each temperature T the neighbour weights are computed once and
 reduced to per-token ``log P_hard(target)`` and, per teacher set,
-``log P_logit(target)``; every (mu, lambda) pair then costs a few operations
-on (n,) vectors. The functions of mixture.py do the math, so a grid point
-equals what ``fairseq-eval-lm --ppkd-mode eval`` reports at the same settings:
-tokens without a valid neighbour are scored by the LM alone, and a token
-with probability 0 makes the perplexity infinite, as in the PP-KD summary.
+``log P_logit(target)``. Every (mu, lambda) pair then costs a few operations
+on (n,) vectors. A grid point equals what ``fairseq-eval-lm --ppkd-mode
+eval`` reports at the same settings up to float32 rounding (the tests
+require a relative difference of at most 1e-6). As there, tokens without a
+valid neighbour are scored by the LM alone, and a token with probability 0
+makes the perplexity infinite.
 
 A teacher set is one stored teacher, or several averaged as probability
 distributions per neighbour (the mixed teacher), as ``--ppkd-teachers a,b``
@@ -39,9 +40,9 @@ DEFAULT_LAMBDAS = tuple(round(0.05 * i, 10) for i in range(20))  # 0, 0.05, ...,
 EXTEND_BELOW = 0.01
 EXTEND_ABOVE = 10.0
 
-# Sums of float32 products below this are recomputed in log space; the
-# smallest normal float32 is 1.2e-38, so terms that underflow add at most
-# about 1e-8 of relative error to a sum above it.
+# Sums of float32 products below this are recomputed in log space. The
+# smallest normal float32 is 1.2e-38, so the terms that underflow change a
+# sum above this bound by at most about 1e-8 of its value.
 UNDERFLOW = 1e-30
 
 
@@ -145,9 +146,9 @@ def reduce_chunk(chunk, temperatures, sets, block_elements=1 << 23):
     and ``P_logit = sum_j e_j p_j / Z``: one exp per neighbour and T, and one
     batched matrix product for all sums. The nearest neighbour has ``e_j = 1``,
     so ``Z >= 1`` never underflows. A sum below ``UNDERFLOW`` has lost
-    precision to float32 underflow (far matches at a small T, or tiny teacher
-    probabilities); those tokens are recomputed in log space by mixture.py,
-    which also keeps a nonzero probability where the sum underflowed to 0.
+    precision to float32 underflow, from far matches at a small T or from tiny
+    teacher probabilities. Those tokens are recomputed in log space by
+    mixture.py, which keeps a nonzero probability where the sum became 0.
 
     Args:
         chunk: dict with ``distances`` (m, k) float32 squared L2 (+inf where
@@ -169,30 +170,43 @@ def reduce_chunk(chunk, temperatures, sets, block_elements=1 << 23):
     assert value_match.shape == (m, k), f"value_match has shape {tuple(value_match.shape)}, expected {(m, k)}"
     valid = torch.isfinite(distances)
     found = valid.any(dim=-1)
-    teacher_lp = {}
-    for s in sets:
-        if not s.names:
-            continue
-        per_teacher = [chunk["teachers"][name] for name in s.names]
-        for name, lp in zip(s.names, per_teacher):
+    teacher_sets_used = [s for s in sets if s.names]
+    for s in teacher_sets_used:
+        for name in s.names:
+            lp = chunk["teachers"][name]
             assert lp.shape == (m, k), f"teacher {name}: shape {tuple(lp.shape)}, expected {(m, k)}"
-        teacher_lp[s.label] = per_teacher[0] if len(per_teacher) == 1 else mixture.average_teachers(per_teacher)
-    labels = list(teacher_lp)
+
+    # factors[:, c] contains what the weights are summed against: 1 for Z, the
+    # value match for P_hard, and each teacher set's probability for P_logit.
+    # A mixed set averages the probabilities, as mixture.average_teachers does
+    # in log space.
+    factors = torch.empty(m, 2 + len(teacher_sets_used), k)  # (m, S, k)
+    factors[:, 0] = valid
+    factors[:, 1] = value_match
+    probs = {}
+    for c, s in enumerate(teacher_sets_used, start=2):
+        for name in s.names:
+            if name not in probs:
+                probs[name] = chunk["teachers"][name].float().exp()
+        if len(s.names) == 1:
+            factors[:, c] = probs[s.names[0]]
+        else:
+            factors[:, c] = torch.stack([probs[name] for name in s.names]).mean(dim=0)
 
     nearest = torch.where(found, distances.min(dim=-1).values, torch.zeros(m))
     gaps = distances - nearest.unsqueeze(-1)  # (m, k), >= 0, +inf where invalid
-    columns = [valid.float(), value_match.float()] + [teacher_lp[label].float().exp() for label in labels]
-    factors = torch.stack(columns, dim=-1)  # (m, k, S): 1, [v_j = w], p_j per teacher set
     scale = torch.tensor([-1.0 / t for t in temperatures], dtype=torch.float32)  # (nT,)
-    sums = torch.empty(m, len(temperatures), factors.shape[-1])  # (m, nT, S)
+    sums = torch.empty(m, len(temperatures), factors.shape[1])  # (m, nT, S)
     block = max(1, block_elements // (len(temperatures) * k))
     for begin in range(0, m, block):
         rows = slice(begin, begin + block)
-        e = torch.exp(gaps[rows].unsqueeze(1) * scale.view(1, -1, 1))  # (b, nT, k)
-        sums[rows] = torch.bmm(e, factors[rows])
+        e = gaps[rows].unsqueeze(1) * scale.view(1, -1, 1)  # (b, nT, k)
+        e.exp_()
+        torch.bmm(e, factors[rows].transpose(1, 2), out=sums[rows])
     log_sums = sums.log()
     log_z = log_sums[..., 0]  # (m, nT)
     hard = (log_sums[..., 1] - log_z).t().contiguous()  # (nT, m)
+    labels = [s.label for s in teacher_sets_used]
     logit = {label: (log_sums[..., 2 + i] - log_z).t().contiguous() for i, label in enumerate(labels)}
 
     has_match = value_match.any(dim=-1)
@@ -205,8 +219,10 @@ def reduce_chunk(chunk, temperatures, sets, block_elements=1 << 23):
             continue
         log_w = mixture.log_weights(distances[redo], temperature, valid[redo])
         hard[i, redo] = mixture.hard_target_log_prob(log_w, value_match[redo])
-        for label in labels:
-            logit[label][i, redo] = mixture.logit_target_log_prob(log_w, teacher_lp[label][redo])
+        for s in teacher_sets_used:
+            per_teacher = [chunk["teachers"][name][redo] for name in s.names]
+            lp = per_teacher[0] if len(per_teacher) == 1 else mixture.average_teachers(per_teacher)
+            logit[s.label][i, redo] = mixture.logit_target_log_prob(log_w, lp)
 
     hard[:, ~found] = float("-inf")
     for values in logit.values():
@@ -247,6 +263,13 @@ def perplexities(final, count):
 def perplexity_grid(lm, found, hard, logit, mus, lambdas):
     """Return (perplexity, infinite), each (M, L), of one T and teacher set.
 
+    For 0 < lambda < 1 a token's final log-probability is
+    ``lm + log1p(lambda * (exp(knn - lm) - 1))``: one multiply and one log1p
+    per token and lambda instead of a ``logaddexp``. This differs from
+    :func:`mixture.mix` by float32 rounding only. lambda = 0 and 1 take ``lm``
+    and ``knn`` exactly, and a mu whose ``exp(knn - lm)`` overflows float32,
+    or an LM with a zero probability, goes through :func:`mix_many`.
+
     Args:
         lm: (n,) ``log P_LM(target)``.
         found: (n,) bool, the token has a valid neighbour.
@@ -259,13 +282,39 @@ def perplexity_grid(lm, found, hard, logit, mus, lambdas):
     if logit is None:
         assert list(mus) == [1.0], f"the kNN-LM has mu = 1 only, got {mus}"
         logit = torch.full_like(hard, float("-inf"))
+    lambdas_t = torch.tensor(lambdas, dtype=torch.float64)
+    inner = (lambdas_t > 0) & (lambdas_t < 1)
+    inner_weights = lambdas_t[inner].float().unsqueeze(-1)  # (L', 1)
+    lm_total = lm.double().sum()
+    lm_finite = bool(torch.isfinite(lm_total))
+    all_found = bool(found.all())
+    # Tokens without neighbours keep the LM's probability at every grid point.
+    lm_found = lm if all_found else lm[found]
+    hard_found = hard if all_found else hard[found]
+    logit_found = logit if all_found else logit[found]
+    lm_not_found_total = lm_total - lm_found.double().sum()
+
     perplexity = torch.empty(len(mus), len(lambdas), dtype=torch.float64)
-    infinite = torch.empty(len(mus), len(lambdas), dtype=torch.int64)
+    infinite = torch.zeros(len(mus), len(lambdas), dtype=torch.int64)
     for i, mu in enumerate(mus):
-        knn = mixture.mix(hard, logit, mu)  # (n,)
-        final = mix_many(knn, lm, lambdas)  # (L, n)
-        final = torch.where(found.unsqueeze(0), final, lm.unsqueeze(0))
-        perplexity[i], infinite[i] = perplexities(final, n)
+        knn = mixture.mix(hard_found, logit_found, mu)  # (n_found,)
+        ratio = torch.exp(knn - lm_found)  # (n_found,) P_kNN / P_LM
+        if not lm_finite or (ratio.numel() and float(ratio.max()) == float("inf")):
+            knn_all = mixture.mix(hard, logit, mu)
+            final = torch.where(found.unsqueeze(0), mix_many(knn_all, lm, lambdas), lm.unsqueeze(0))
+            perplexity[i], infinite[i] = perplexities(final, n)
+            continue
+        totals = torch.empty(len(lambdas), dtype=torch.float64)
+        totals[lambdas_t == 0] = lm_total
+        if inner.any():
+            gains = torch.log1p(inner_weights * (ratio - 1.0))  # (L', n_found)
+            totals[inner] = lm_total + gains.sum(dim=-1, dtype=torch.float64)
+        if (lambdas_t == 1).any():
+            finite = torch.isfinite(knn)
+            totals[lambdas_t == 1] = knn[finite].double().sum() + lm_not_found_total
+            infinite[i, lambdas_t == 1] = int((~finite).sum())
+        loss = -totals / n / math.log(2)
+        perplexity[i] = torch.where(infinite[i] == 0, torch.pow(2.0, loss), torch.full_like(loss, float("inf")))
     return perplexity, infinite
 
 

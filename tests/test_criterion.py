@@ -24,7 +24,7 @@ from conftest import COMMON_LM, USER_DIR, eval_lm, run
 from ppkd_fairseq import manifest as mf
 from ppkd_fairseq.criterion import DistillationConfig, DistillationCriterion
 from ppkd_fairseq.distillation import adaptive_softmax_log_probs, distillation_loss, temper
-from ppkd_fairseq.distillation_teachers import check_teacher_dictionary
+from ppkd_fairseq.distillation_teachers import DatastoreTeacher, check_teacher_dictionary
 from ppkd_fairseq.rows import block_starts, target_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,8 +280,8 @@ def test_online_offline_teachers_agree(tiny_data, tiny_models, datastore):
 
         assert online_log_probs.shape == (int(mask.sum()), len(task.target_dictionary))
         assert torch.allclose(online_log_probs, fairseq_log_probs, atol=1e-4)
-        # Stored states are float16, so the two agree to about 1e-3 in probability.
-        assert (online_log_probs.exp() - offline_log_probs.exp()).abs().max() < 1e-2
+        # Stored states are float16. For these models the probabilities differ by about 1e-4.
+        assert (online_log_probs.exp() - offline_log_probs.exp()).abs().max() < 1e-3
 
 
 def test_wrong_row_raises(tiny_data, tiny_models, datastore):
@@ -340,6 +340,14 @@ def test_missing_datastore_teacher_rejected(tiny_data, tiny_models, datastore):
         build_criterion(task, kd_datastore=datastore, kd_teacher="mlm")
 
 
+def test_datastore_of_other_dictionary_rejected(tiny_data, datastore):
+    other = Dictionary.load(os.path.join(tiny_data, "dict.txt"))
+    other.add_symbol("unseen-word")
+
+    with pytest.raises(mf.DatastoreMismatchError, match="dictionary is"):
+        DatastoreTeacher(datastore, "causal", other)
+
+
 def test_teacher_of_other_dictionary_rejected(tiny_data, tiny_models):
     state = checkpoint_utils.load_checkpoint_to_cpu(tiny_models["teacher_adaptive"])
     state["cfg"].task.data = tiny_data
@@ -349,6 +357,17 @@ def test_teacher_of_other_dictionary_rejected(tiny_data, tiny_models):
     check_teacher_dictionary("teacher.pt", state["cfg"], Dictionary.load(os.path.join(tiny_data, "dict.txt")))
     with pytest.raises(ValueError, match="must share one dictionary"):
         check_teacher_dictionary("teacher.pt", state["cfg"], other)
+
+
+def test_non_causal_teacher_rejected(tmp_path, tiny_data, tiny_models):
+    _, task = load(tiny_models["student"], tiny_data)
+    state = torch.load(tiny_models["teacher_adaptive"], map_location="cpu", weights_only=False)
+    state["cfg"]["task"]["_name"] = "masked_lm"
+    path = str(tmp_path / "masked.pt")
+    torch.save(state, path)
+
+    with pytest.raises(ValueError, match="trained with task masked_lm, expected a causal"):
+        build_criterion(task, kd_teacher_checkpoint=path)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from ppkd_fairseq.dump import DatastoreWriter, TeacherWriter
 from ppkd_fairseq.index import build_index, load_index
 from ppkd_fairseq.teacher_head import softmax_head
 
-# Dumps of the train split with the pre-norm student, against the shared
+# Dumps of the train split with the pre-norm student, compared with the shared
 # datastore (eval_lm's defaults: --max-tokens 256 --tokens-per-sample 32).
 VARIANTS = {
     # Same 32-token blocks in other batches: the keys must not change.
@@ -92,7 +92,9 @@ def edit_json(path, edit):
 def assert_keys_match_capture(stored, captured):
     """Stored float16 keys equal the captured float32 inputs up to rounding."""
     assert stored.shape == captured.shape
-    # float16 keeps 11 significant bits: a relative error of at most 2**-11.
+    # float16 keeps 11 significant bits, so rounding moves a value by at most
+    # 2**-11 of it. The bound doubles that for float32 differences between
+    # the two forward passes.
     np.testing.assert_allclose(stored.astype(np.float32), captured, rtol=2**-10, atol=1e-4)
 
 
@@ -242,7 +244,7 @@ def test_open_rejects_other_student_fingerprint(tiny_datastore):
 
 def test_eval_rejects_other_student(tiny_datastore, tiny_data, tiny_models):
     # The post-norm student has the same dictionary and key size as the
-    # pre-norm one, so only the checkpoint fingerprint tells them apart.
+    # pre-norm one, so only the checkpoint fingerprint distinguishes them.
     with pytest.raises(RuntimeError) as failure:
         eval_lm(tiny_data, tiny_models["student_postnorm"], "--ppkd-dstore", tiny_datastore["folder"],
                 "--ppkd-k", "4", "--ppkd-mu", "1", split="valid")
@@ -293,7 +295,7 @@ def test_open_rejects_truncated_keys(tiny_datastore, tmp_path):
                                          ("values", "float32")])
 def test_open_rejects_wrong_dtype(tiny_datastore, tmp_path, array, dtype):
     # int16 keys and float32 values have the stored files' sizes, so only
-    # the .npy header tells them apart.
+    # the .npy header distinguishes them.
     folder = copy_datastore(tiny_datastore, tmp_path)
     edit_json(os.path.join(folder, "manifest.json"), lambda m: m[array].update(dtype=dtype))
     with pytest.raises(mf.DatastoreMismatchError, match=array):
@@ -338,7 +340,7 @@ def test_open_teacher_rejects_other_datastore(tiny_datastore, tmp_path):
 def test_open_teacher_rejects_incomplete_manifest(tiny_datastore, tmp_path, field):
     folder = copy_datastore(tiny_datastore, tmp_path)
     edit_json(os.path.join(folder, "teachers", "causal", "teacher.json"), lambda m: m.pop(field))
-    with pytest.raises(mf.DatastoreMismatchError, match=f"lacks the fields {field}"):
+    with pytest.raises(mf.DatastoreMismatchError, match=f"missing the fields {field}"):
         Datastore.open(folder).open_teacher("causal")
 
 
@@ -370,7 +372,7 @@ def test_teacher_writer_checks_values(tiny_datastore, tmp_path):
         writer.write(rows, np.zeros((3, 8)), targets)
 
 
-def test_teachers_leave_keys_untouched(tiny_datastore, tmp_path):
+def test_teachers_leave_keys_untouched(tiny_datastore):
     folder = tiny_datastore["folder"]
     # The fixture added both teachers after this snapshot.
     assert file_snapshot(folder) == tiny_datastore["before_teachers"]

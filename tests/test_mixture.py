@@ -180,11 +180,11 @@ def test_invalid_neighbours_carry_no_weight():
     expected_final = []
     for i in range(N_QUERIES):
         keep = valid[i]
-        one = reference.ppkd_probabilities(
+        parts_i = reference.ppkd_probabilities(
             case["lm"][i, case["targets"][i]][None], case["ids"][i, keep][None], case["distances"][i, keep][None],
             tampered["values"], case["targets"][i][None], tampered["teachers"], 10.0, 0.4, 0.5,
         )
-        expected_final.append(one["final"][0])
+        expected_final.append(parts_i["final"][0])
     assert_log_close(parts["final"], np.log(expected_final))
 
 

@@ -105,6 +105,30 @@ def test_grid_matches_numpy_reference():
         assert row["perplexity"] == pytest.approx(expected, rel=1e-5), row
 
 
+def test_grid_recovers_underflowed_sums():
+    data = random_cache(teachers=("a",))
+    # Token 5: the only match lies 100 units beyond the nearest neighbour, so
+    # at T = 0.5 its weight is exp(-200), below float32's range.
+    data["distances"][5] = np.linspace(1.0, 2.0, data["distances"].shape[1], dtype=np.float32)
+    data["distances"][5, -1] = 101.0
+    data["value_match"][5] = False
+    data["value_match"][5, -1] = True
+    # Token 6: the teacher gives exp(-120) to the target at every neighbour.
+    data["distances"][6] = 5.0
+    data["teachers"]["a"][6] = -120.0
+    grid = sweep.Grid([0.5, 10.0], [0.0, 1.0], [0.5, 1.0])
+    result = sweep.run_sweep(chunks_of(data, 60), grid, ["a"], progress=False)
+    for row in result.rows():
+        names = row["teachers"].split("+") if row["teachers"] else []
+        expected = reference_perplexity(data, names, row["temperature"], row["mu"], row["lambda"])
+        if math.isinf(expected):
+            assert math.isinf(row["perplexity"]), row
+        else:
+            assert row["perplexity"] == pytest.approx(expected, rel=1e-5), row
+    # lambda = 1, mu = 0 keeps token 6's exp(-120) instead of a zero probability.
+    assert math.isfinite(float(result.perplexity["ppkd-a"][0, 0, 1]))
+
+
 def test_grid_lm_perplexity_at_lambda_zero():
     data = random_cache(teachers=("a",))
     result = sweep.run_sweep(chunks_of(data, 60), sweep.Grid([10.0], [0.5], [0.0]), ["a"], progress=False)
@@ -156,9 +180,11 @@ def test_edge_messages_per_axis():
     # mu = 0 and 1 and lambda = 0 are ends of their range, not of the grid.
     assert sweep.edge_messages({"temperature": 10.0, "mu": 1.0, "lambda": 0.0}, grid) == []
     low_t = sweep.edge_messages({**inside, "temperature": 1.0}, grid)
-    assert len(low_t) == 1 and "widen --temperatures" in low_t[0]
+    assert len(low_t) == 1
+    assert "widen --temperatures" in low_t[0]
     high_lambda = sweep.edge_messages({**inside, "lambda": 0.9}, grid)
-    assert len(high_lambda) == 1 and "widen --lambdas" in high_lambda[0]
+    assert len(high_lambda) == 1
+    assert "widen --lambdas" in high_lambda[0]
 
 
 def test_parse_values_ranges_and_lists():
@@ -170,8 +196,10 @@ def test_parse_values_ranges_and_lists():
 
 def test_default_grid_contains_paper_points():
     assert 10.0 in sweep.DEFAULT_TEMPERATURES
-    assert 0.4 in sweep.DEFAULT_MUS and 1.0 in sweep.DEFAULT_MUS
-    assert 0.25 in sweep.DEFAULT_LAMBDAS and 0.5 in sweep.DEFAULT_LAMBDAS
+    assert 0.4 in sweep.DEFAULT_MUS
+    assert 1.0 in sweep.DEFAULT_MUS
+    assert 0.25 in sweep.DEFAULT_LAMBDAS
+    assert 0.5 in sweep.DEFAULT_LAMBDAS
     assert sweep.Grid(sweep.DEFAULT_TEMPERATURES, sweep.DEFAULT_MUS, sweep.DEFAULT_LAMBDAS).size >= 500
 
 
@@ -250,7 +278,7 @@ def eval_point(data, student, dstore, summary, *ppkd):
 @pytest.mark.parametrize(
     "model, teachers, temperature, mu, lam",
     [
-        ("knn_lm", None, 10.0, 1.0, 0.25),  # the kNN-LM's best setting in the PP-KD paper
+        ("knn_lm", None, 10.0, 1.0, 0.25),  # the kNN-LM's best setting in Jin, Ge and Wei (2022)
         ("ppkd-causal", "causal", 10.0, 0.4, 0.5),  # PP-KD's best setting there
         ("ppkd-causal+self", "causal,self", 2.0, 0.7, 0.35),
     ],
@@ -319,7 +347,9 @@ def test_sweep_cache_matches_lm_and_manifest(swept, tiny_models):
     cache = SweepCache.open(report["cache"]["folder"])
     manifest = cache.manifest
     assert manifest["status"] == "complete"
-    assert manifest["k"] == K and manifest["split"] == "valid" and manifest["distance"] == "exact"
+    assert manifest["k"] == K
+    assert manifest["split"] == "valid"
+    assert manifest["distance"] == "exact"
     assert [t["name"] for t in manifest["teachers"]] == ["causal", "self"]
     assert all(len(t["head_sha256"]) == 64 for t in manifest["teachers"])
     assert manifest["tokens"] == report["tokens"] == int(np.count_nonzero(cache.written))

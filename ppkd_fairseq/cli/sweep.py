@@ -266,14 +266,17 @@ def prepare_cache(args, teachers, eval_flags, datastore):
         "checkpoint_sha256": file_sha256(args.path),
         "eval_flags": list(eval_flags),
     }
+
     reasons = cache_mismatches(read_manifest(cache_dir), request)
     if not reasons and not args.force_cache:
         logger.info("reusing the sweep cache in %s: its inputs match", cache_dir)
         return SweepCache.open(cache_dir), True
+
     logger.info("computing the sweep cache in %s: %s", cache_dir,
                 "--force-cache" if not reasons else "; ".join(reasons))
     started = time.time()
     run_cache_pass(cache_command(args, teachers, cache_dir, eval_flags))
+
     manifest = read_manifest(cache_dir)
     # Everything but the sweep's own record must match now; a difference
     # means the cache pass read other inputs than the sweep asked for.
@@ -281,6 +284,7 @@ def prepare_cache(args, teachers, eval_flags, datastore):
                 if not r.startswith(("checkpoint sha256", "fairseq-eval-lm flags"))]
     if problems:
         raise mf.DatastoreMismatchError(f"the cache pass wrote a cache that does not match: {'; '.join(problems)}")
+
     manifest["request"] = {
         "checkpoint": os.path.abspath(args.path),
         "checkpoint_sha256": request["checkpoint_sha256"],
@@ -333,7 +337,7 @@ def sweep(args, eval_flags):
     result = run_sweep(cache.iter_chunks(teachers, args.chunk_tokens), grid, teachers,
                        num_chunks=chunks, progress=not args.no_progress)
     result.median_nearest = median
-    # Reading the distances for the median is part of the grid's cost.
+    # The grid time includes the pass over the distances for the median.
     grid_seconds = time.time() - started
     points = sum(1 for _ in result.rows())
     logger.info("%d grid points in %.2f s", points, grid_seconds)

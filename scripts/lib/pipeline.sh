@@ -77,3 +77,62 @@ stage_dump_masked_teacher() {  # stage_dump_masked_teacher TEACHER_NAME MODEL_NA
     --name "${name}" \
     "${MLM_ARGS[@]}"
 }
+
+stage_sweep() {  # stage_sweep SPLIT STUDENT_NAME: cache the split once, then the T x mu x lambda grid
+  local split="$1" student="$2"
+  run_stage "sweep_${split}" \
+    python -m ppkd_fairseq.cli.sweep "${DATA}" \
+    --path "${CKPT}/${student}/checkpoint_last.pt" \
+    --dstore "${DSTORE}" \
+    --split "${split}" \
+    --k "${K}" \
+    --out-dir "${RUN_DIR}/sweep-${split}" \
+    --no-progress \
+    -- "${EVAL_ARGS[@]}"
+}
+
+stage_check_test_eval() {  # stage_check_test_eval LABEL STUDENT_NAME: stock fairseq-eval-lm at a tuned point
+  local label="$1" student="$2"
+  local best="${RUN_DIR}/sweep-valid/best.json"
+  local point=()
+  if [[ "${DRY_RUN:-0}" != 1 ]]; then
+    mapfile -t point < <(python -c 'import json,sys; p=json.load(open(sys.argv[1]))["best"][sys.argv[2]]; print(p["temperature"]); print(p["mu"]); print(p["lambda"]); print(",".join(p["teachers"]) or "none")' "${best}" "${label}")
+  else
+    point=(T MU LAMBDA TEACHERS)
+  fi
+  local teachers=()
+  [[ "${point[3]}" != none ]] && teachers=(--ppkd-teachers "${point[3]}")
+  run_stage "check_test_${label}" \
+    fairseq-eval-lm "${DATA}" \
+    --user-dir "${USER_DIR}" \
+    --task ppkd_language_modeling \
+    --path "${CKPT}/${student}/checkpoint_last.pt" \
+    --gen-subset test \
+    --ppkd-dstore "${DSTORE}" \
+    --ppkd-k "${K}" \
+    --ppkd-temperature "${point[0]}" \
+    --ppkd-mu "${point[1]}" \
+    --ppkd-lambda "${point[2]}" \
+    "${teachers[@]}" \
+    --ppkd-analysis-out "${RUN_DIR}/check-test-${label}.tsv" \
+    --ppkd-summary-out "${RUN_DIR}/check-test-${label}.json" \
+    "${EVAL_ARGS[@]}"
+}
+
+stage_report() {  # stage_report TITLE CHECK_LABEL
+  local title="$1" label="$2"
+  local checks=()
+  if [[ -f "${RUN_DIR}/check-test-${label}.json" || "${DRY_RUN:-0}" == 1 ]]; then
+    checks=(--check-summary "${RUN_DIR}/check-test-${label}.json")
+  fi
+  run_stage report \
+    python -m ppkd_fairseq.cli.report \
+    --valid-sweep "${RUN_DIR}/sweep-valid" \
+    --test-cache "${RUN_DIR}/sweep-test/cache" \
+    --data "${DATA}" \
+    --dstore "${DSTORE}" \
+    --stages "${RUN_DIR}/stages" \
+    "${checks[@]}" \
+    --title "${title}" \
+    --out-dir "${RUN_DIR}/results"
+}

@@ -1,0 +1,201 @@
+"""Build the results table of a reproduction from its sweep outputs.
+
+Reads the validation sweep's ``best.json`` (tuned settings and validation
+perplexities), scores the test split's sweep cache at those settings, tests
+each PP-KD row against the kNN-LM with a paired bootstrap over articles,
+measures each teacher's cross-entropy on the datastore's own rows, and
+collects the stage times. Writes ``results.json`` and a Markdown page whose
+numbers all come from that JSON.
+
+Example::
+
+    python -m ppkd_fairseq.cli.report --valid-sweep runs/wt2/sweep-valid \\
+        --test-cache runs/wt2/sweep-test/cache --data runs/wt2/data-bin \\
+        --dstore runs/wt2/datastore --stages runs/wt2/stages --out-dir runs/wt2/results
+"""
+
+import argparse
+import glob
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from ppkd_fairseq import manifest as mf
+from ppkd_fairseq import results, significance
+
+logger = logging.getLogger("ppkd_fairseq.report")
+
+# Jin, Ge and Wei (2022), Table 1, WikiText-103 test perplexity of the small
+# student (4 layers, 384 wide).
+PAPER_TABLE1 = {"LM": 35.24, "kNN-LM": 28.50, "PP-KD (large causal teacher)": 25.74}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--valid-sweep", required=True, help="output folder of the validation sweep (best.json)")
+    parser.add_argument("--test-cache", required=True, help="sweep cache folder of the test split")
+    parser.add_argument("--data", required=True, help="data-bin of the evaluated splits")
+    parser.add_argument("--test-split", default="test", help="split of the test cache (default: test)")
+    parser.add_argument("--dstore", required=True, help="datastore folder (for the teachers' cross-entropy)")
+    parser.add_argument("--stages", default=None, help="folder of stage records (NAME.json) to report")
+    parser.add_argument("--check-summary", action="append", default=[],
+                        help="fairseq-eval-lm --ppkd-summary-out JSON to compare with the table (repeatable)")
+    parser.add_argument("--bootstrap-samples", type=int, default=10000, help="bootstrap draws (default: 10000)")
+    parser.add_argument("--seed", type=int, default=1, help="bootstrap seed (default: 1)")
+    parser.add_argument("--out-dir", required=True, help="folder for results.json and results.md")
+    parser.add_argument("--title", default="WikiText-2 reproduction", help="title of the Markdown page")
+    return parser
+
+
+def test_articles(data, split):
+    """Return (N,) article ids of the tokens of a WikiText split."""
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(os.path.join(data, "dict.txt"))
+    dataset = data_utils.load_indexed_dataset(os.path.join(data, split), dictionary)
+    equals = dictionary.index("=")
+    is_title, lengths = [], []
+    for i in range(len(dataset)):
+        tokens = dataset[i].tolist()
+        lengths.append(len(tokens))
+        # A WikiText article starts with a line " = Title = "; section
+        # headings have two or more "=" on each side.
+        is_title.append(len(tokens) >= 4 and tokens[0] == equals and tokens[1] != equals and tokens[-2] == equals
+                        and tokens[-3] != equals)
+    return significance.article_ids_from_lines(np.array(is_title), np.array(lengths))
+
+
+def build(args):
+    from ppkd_fairseq.datastore import Datastore
+    from ppkd_fairseq.sweep_cache import SweepCache
+
+    with open(os.path.join(args.valid_sweep, "best.json")) as f:
+        valid = json.load(f)
+    cache = SweepCache.open(args.test_cache)
+    articles = test_articles(args.data, args.test_split)
+    lm = results.lm_log_probs(cache)
+    positions = cache.positions
+    article_of_token = articles[positions]
+
+    rows = [{"system": "LM", "teachers": [], "temperature": None, "mu": None, "lambda": None,
+             "valid_perplexity": valid["lm_perplexity"], "test_perplexity": results.perplexity(lm)}]
+    scores = {}
+    for label, point in valid["best"].items():
+        _, log_probs = results.score_cache(cache, point["temperature"], point["mu"], point["lambda"],
+                                           point["teachers"])
+        scores[label] = log_probs
+        name = "kNN-LM" if not point["teachers"] else "PP-KD (" + " + ".join(point["teachers"]) + ")"
+        rows.append({"system": name, "label": label, "teachers": point["teachers"],
+                     "temperature": point["temperature"], "mu": point["mu"], "lambda": point["lambda"],
+                     "valid_perplexity": point["perplexity"], "test_perplexity": results.perplexity(log_probs),
+                     "on_grid_edge": bool(point.get("edges"))})
+    knn_label = next(label for label, p in valid["best"].items() if not p["teachers"])
+    base_sums, counts = significance.article_sums(scores[knn_label], article_of_token)
+    for row in rows:
+        if row["teachers"]:
+            cand_sums, _ = significance.article_sums(scores[row["label"]], article_of_token)
+            test = significance.paired_bootstrap(base_sums, cand_sums, counts, samples=args.bootstrap_samples,
+                                                 seed=args.seed)
+            row["p_value_vs_knn_lm"] = test["p_value"]
+            row["articles"] = test["articles"]
+    lm_sums, _ = significance.article_sums(lm, article_of_token)
+    knn_row = next(r for r in rows if r.get("label") == knn_label)
+    knn_row["p_value_vs_lm"] = significance.paired_bootstrap(
+        lm_sums, base_sums, counts, samples=args.bootstrap_samples, seed=args.seed)["p_value"]
+
+    store = Datastore.open(args.dstore)
+    teachers = {}
+    every_row = np.arange(store.num_rows, dtype=np.int64)
+    for name in store.teacher_names():
+        teacher = store.open_teacher(name)
+        ce = results.teacher_train_cross_entropy(teacher, store.values, every_row)
+        teachers[name] = {"kind": teacher.manifest.get("kind"), "train_cross_entropy_nats": ce,
+                          "train_perplexity": float(np.exp(ce)), "rows": int(store.num_rows),
+                          "masking": teacher.manifest.get("masking")}
+
+    checks = []
+    for path in args.check_summary:
+        with open(path) as f:
+            summary = json.load(f)
+        s = summary["settings"]
+        match = next((r for r in rows if r["teachers"] == s["teachers"] and r["mu"] == s["mu"]
+                      and r["lambda"] == s["lambda"] and r["temperature"] == s["temperature"]), None)
+        checks.append({"summary": os.path.abspath(path), "fairseq_eval_lm_perplexity": summary["perplexity"],
+                       "tokens": summary["tokens"],
+                       "table_perplexity": match["test_perplexity"] if match else None})
+
+    stages = {}
+    if args.stages:
+        for path in sorted(glob.glob(os.path.join(args.stages, "*.json"))):
+            with open(path) as f:
+                record = json.load(f)
+            stages[record["stage"]] = {"seconds": record["seconds"], "finished": record["finished"]}
+    return {
+        "title": args.title,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "test_tokens": int(len(lm)),
+        "valid_tokens": valid["tokens"],
+        "k": cache.manifest.get("k"),
+        "rows": rows,
+        "teachers": teachers,
+        "bootstrap": {"unit": "article", "samples": args.bootstrap_samples, "seed": args.seed,
+                      "articles": int(len(counts))},
+        "checks": checks,
+        "stages": stages,
+        "paper_table1_wikitext103": PAPER_TABLE1,
+    }
+
+
+def _fmt(value, digits=2):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(report):
+    """Return the Markdown tables of a report."""
+    lines = [f"| system | T | µ | λ | valid ppl | test ppl | p vs kNN-LM |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["rows"]:
+        p = r.get("p_value_vs_knn_lm")
+        lines.append(f"| {r['system']} | {_fmt(r['temperature'], 3)} | {_fmt(r['mu'], 2)} | {_fmt(r['lambda'], 2)} | "
+                     f"{_fmt(r['valid_perplexity'])} | {_fmt(r['test_perplexity'])} | {_fmt(p, 4) if p is not None else ''} |")
+    lines += ["", "| teacher | kind | cross-entropy on its training rows (nats) | perplexity |", "| --- | --- | ---: | ---: |"]
+    for name, t in report["teachers"].items():
+        lines.append(f"| {name} | {t['kind']} | {t['train_cross_entropy_nats']:.3f} | {t['train_perplexity']:.2f} |")
+    if report["checks"]:
+        lines += ["", "| check: fairseq-eval-lm summary | its perplexity | table perplexity | tokens |",
+                  "| --- | ---: | ---: | ---: |"]
+        for c in report["checks"]:
+            lines.append(f"| {os.path.basename(c['summary'])} | {c['fairseq_eval_lm_perplexity']:.4f} | "
+                         f"{_fmt(c['table_perplexity'], 4)} | {c['tokens']} |")
+    if report["stages"]:
+        lines += ["", "| stage | wall time (min) | finished |", "| --- | ---: | --- |"]
+        for name, s in report["stages"].items():
+            lines.append(f"| {name} | {s['seconds'] / 60:.1f} | {s['finished']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    args = get_parser().parse_args(argv)
+    report = build(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    mf.write_json_atomic(os.path.join(args.out_dir, "results.json"), {**report, "status": mf.COMPLETE})
+    markdown = render_markdown(report)
+    path = os.path.join(args.out_dir, "results.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(f"# {report['title']}\n\n{markdown}")
+    os.replace(path + ".tmp", path)
+    sys.stdout.write(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,13 +17,14 @@ Examples::
         --dstore runs/wikitext2/datastore --teachers causal,masked --split valid --k 1024 \\
         -- --cpu --tokens-per-sample 256 --context-window 128 --max-tokens 8192
 
-Both timed runs start one fairseq-eval-lm process, so both pay its start-up
-(importing fairseq and loading the checkpoint, a few seconds); on tiny data
+Both timed runs start one fairseq-eval-lm process, so both pay its start-up:
+importing fairseq and loading the checkpoint, a few seconds. On tiny data
 that start-up dominates.
 """
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -169,13 +170,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, eval_flags = sweep_cli.split_eval_flags(argv)
     args = get_parser().parse_args(own)
-    given = [args.data, args.student, args.dstore]
-    if any(given) and not all(given):
+    paths_given = [args.data, args.student, args.dstore]
+    if any(paths_given) and not all(paths_given):
         raise SystemExit("error: pass all of --data, --student and --dstore, or none for the tiny setup")
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        force=True)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_sweep_")
     os.makedirs(work, exist_ok=True)
     print_environment()
-    if not any(given):
+    if not any(paths_given):
         print(f"building the tiny setup in {work} ...", flush=True)
         args.data, args.student, args.dstore = build_tiny_setup(os.path.join(work, "tiny"))
         eval_flags = eval_flags or list(TINY_EVAL_FLAGS)

@@ -1,11 +1,11 @@
 """The sweep cache: per-token inputs of the PP-KD mixture, stored once.
 
 The target probability under Eqs. 1-4 (see mixture.py) depends on T, mu and
-lambda only through the neighbour weights, so a grid over them needs, per
-evaluated token, the LM's target log-probability, the neighbours' squared
-L2 distances, which neighbours have the target as value, and each teacher's
-target log-probability at each neighbour. ``fairseq-eval-lm --ppkd-mode
-cache --ppkd-cache-dir DIR`` writes them; the run itself reports the plain
+lambda only through the neighbour weights. A grid over them therefore needs,
+per evaluated token, the LM's target log-probability, the neighbours'
+squared L2 distances, which neighbours have the target as value, and each
+teacher's target log-probability at each neighbour. ``fairseq-eval-lm
+--ppkd-mode cache --ppkd-cache-dir DIR`` writes them, and reports the plain
 LM's perplexity. Layout of DIR (N = tokens in the split's token stream,
 row i = stream position i, as for a datastore)::
 
@@ -152,7 +152,7 @@ class CacheWriter:
         return manifest
 
 
-def teacher_log_probs_per_neighbour(teacher, ids, valid, targets):
+def teacher_log_probs_per_neighbour(teacher, ids, valid, targets, rows_per_step=1 << 17):
     """Return (n, k) float32 ``log p_teacher(target_i | U[ids[i, j]])``, -inf where invalid.
 
     Args:
@@ -160,14 +160,20 @@ def teacher_log_probs_per_neighbour(teacher, ids, valid, targets):
         ids: (n, k) int64 datastore rows.
         valid: (n, k) bool.
         targets: (n,) int64 target word ids.
+        rows_per_step: neighbours scored at once. A step reads their states
+            and output vectors as float32, so at d_t = 1024 the default of
+            131,072 takes about 1 GB.
     """
-    log_probs = torch.full(ids.shape, float("-inf"))
-    rows = ids[valid]
-    if rows.size:
-        valid_t = torch.from_numpy(valid)
+    rows = ids[valid]  # (m,)
+    valid_t = torch.from_numpy(valid)
+    neighbour_targets = targets.unsqueeze(1).expand(ids.shape)[valid_t].numpy()  # (m,)
+    scores = np.empty(rows.shape, dtype=np.float32)
+    for begin in range(0, rows.size, rows_per_step):
+        step = slice(begin, begin + rows_per_step)
         # One (1,)-row per valid neighbour, scored against that query's target.
-        neighbour_targets = targets.unsqueeze(1).expand(ids.shape)[valid_t]
-        log_probs[valid_t] = teacher.target_log_probs(rows[:, None], neighbour_targets.numpy())[:, 0]
+        scores[step] = teacher.target_log_probs(rows[step, None], neighbour_targets[step])[:, 0].numpy()
+    log_probs = torch.full(ids.shape, float("-inf"))
+    log_probs[valid_t] = torch.from_numpy(scores)
     return log_probs
 
 
@@ -272,7 +278,10 @@ def build_cache_handler(args, datastore, split, starts, pad, num_positions, num_
         "k": args.ppkd_k, "temperature": args.ppkd_temperature, "mu": args.ppkd_mu,
         "lam": args.ppkd_lambda, "probe": args.ppkd_probe,
     })
-    names = [n for n in (args.ppkd_teachers or "").split(",") if n] or datastore.teacher_names()
+    if args.ppkd_teachers == "none":
+        names = []
+    else:
+        names = [n for n in (args.ppkd_teachers or "").split(",") if n] or datastore.teacher_names()
     teachers = [datastore.open_teacher(name) for name in names]
     folder = datastore.folder
     index = load_index(folder, datastore.manifest, nprobe=args.ppkd_probe,

@@ -51,25 +51,37 @@ def write_best_json(path, best):
     mf.write_json_atomic(path, best)
 
 
-def plot_heatmap(path, result, teacher_set, temperature):
-    """Draw validation perplexity over mu x lambda at one T as a PNG.
+def plot_heatmap(path, result, teacher_set, temperature, split="valid"):
+    """Draw the perplexity on ``split`` over mu x lambda at one T as a PNG.
 
-    Grid points with an infinite perplexity are left blank.
+    Grid points with an infinite perplexity are left blank. Returns ``path``,
+    or None without writing when every point is infinite.
     """
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.colors
     import matplotlib.pyplot as plt
     import numpy as np
 
     i = result.grid.temperatures.index(temperature)
     table = result.perplexity[teacher_set.label][i].numpy()  # (M, L)
     mus, lambdas = result.mus(teacher_set.label), result.grid.lambdas
-    shown = np.ma.masked_invalid(np.where(np.isinf(table), np.nan, table))
-    best_j, best_l = np.unravel_index(np.nanargmin(np.where(np.isinf(table), np.nan, table)), table.shape)
+    finite = table[np.isfinite(table)]
+    if finite.size == 0:
+        logger.warning("no heatmap for %s: every point at T = %g has an infinite perplexity",
+                       teacher_set.label, temperature)
+        return None
+    with_nan = np.where(np.isinf(table), np.nan, table)
+    best_j, best_l = np.unravel_index(np.nanargmin(with_nan), table.shape)
+
+    # The colour scale ends at the 90th percentile, so that a few very bad
+    # points (lambda near 1) do not flatten the region around the best one.
+    top = float(np.percentile(finite, 90))
+    norm = matplotlib.colors.Normalize(vmin=float(finite.min()), vmax=max(top, float(finite.min()) + 1e-9))
 
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(lambdas), 1.5 + 0.4 * len(mus)))
-    image = ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis_r")
+    image = ax.imshow(np.ma.masked_invalid(with_nan), origin="lower", aspect="auto", cmap="viridis_r", norm=norm)
     ax.set_xticks(range(len(lambdas)))
     ax.set_xticklabels([f"{x:g}" for x in lambdas], rotation=90)
     ax.set_yticks(range(len(mus)))
@@ -78,10 +90,10 @@ def plot_heatmap(path, result, teacher_set, temperature):
     ax.set_ylabel("mu (weight of P_hard)")
     ax.plot(best_l, best_j, marker="*", color="red", markersize=14)
     ax.set_title(
-        f"{teacher_set.label}: validation perplexity at T = {temperature:g}\n"
+        f"{teacher_set.label}: {split} perplexity at T = {temperature:g}\n"
         f"best {table[best_j, best_l]:.3f} at mu = {mus[best_j]:g}, lambda = {lambdas[best_l]:g}"
     )
-    fig.colorbar(image, ax=ax, label="perplexity")
+    fig.colorbar(image, ax=ax, label="perplexity", extend="max")
     fig.tight_layout()
     tmp = _temporary_path(path)
     try:
@@ -93,6 +105,7 @@ def plot_heatmap(path, result, teacher_set, temperature):
         raise
     finally:
         plt.close(fig)
+    return path
 
 
 def format_command(argv):

@@ -123,7 +123,8 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
         default=None,
         metadata={"help": "folder that --ppkd-mode cache writes: per token, the LM's target log-probability, "
                           "the --ppkd-k neighbours' distances and value matches, and the target "
-                          "log-probability of every teacher in --ppkd-teachers (default: all stored)"},
+                          "log-probability of every teacher in --ppkd-teachers (default: all stored; "
+                          "'none' for no teacher)"},
     )
     ppkd_index_mmap: bool = field(
         default=False, metadata={"help": "memory-map the index file instead of reading it into RAM"},

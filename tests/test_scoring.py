@@ -205,12 +205,13 @@ def assert_log_close(actual, expected, name):
 
 
 def check_against_reference(run_result, tables, name):
-    _, _, mu, _, _, _ = RUNS[name]
+    split, _, mu, _, _, _ = RUNS[name]
     table = run_result["analysis"]
     expected = expected_scores(tables, name, run_result["ids"])
     n = len(expected["targets"])
     np.testing.assert_array_equal(table["position"], np.arange(n))
-    np.testing.assert_array_equal(table["target"], expected["targets"])
+    np.testing.assert_array_equal(table["target"], tables["streams"][split])
+    np.testing.assert_array_equal(expected["targets"], tables["streams"][split])
     np.testing.assert_array_equal(table["n_valid"], K)
     np.testing.assert_allclose(run_result["distances"], expected["distances"], rtol=1e-4, atol=1e-4)
     parts = expected["parts"]

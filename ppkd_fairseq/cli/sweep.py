@@ -141,8 +141,8 @@ def get_parser():
         "--chunk-tokens",
         type=int,
         default=4096,
-        help="tokens read from the cache per step; memory is about chunk x k x (4 + teachers) x 4 bytes "
-        "(default: 4096)",
+        help="tokens read from the cache per step; the grid's memory is roughly chunk x k x (20 + 16 x "
+        "teachers) bytes, about 220 MB at k = 1024 with two teachers (default: 4096)",
     )
 
     output = parser.add_argument_group("output")
@@ -211,6 +211,9 @@ def cache_command(args, teachers, cache_dir, eval_flags):
         "--ppkd-mode", "cache",
         "--ppkd-cache-dir", os.path.abspath(cache_dir),
     ] + ppkd_flags(args, teachers)
+    if not teachers:
+        # Without --ppkd-teachers the cache pass stores every teacher.
+        command += ["--ppkd-teachers", "none"]
     if args.exclude_own_row:
         command.append("--ppkd-exclude-own-row")
     return command + list(eval_flags)
@@ -219,7 +222,7 @@ def cache_command(args, teachers, cache_dir, eval_flags):
 def test_command(args, point, eval_flags, summary_out):
     """Return the fairseq-eval-lm command that scores the test split at a best point.
 
-    Own-row exclusion is left out: it applies to the datastore's own split only.
+    The command leaves out own-row exclusion, which applies to the datastore's own split only.
     """
     return [
         args.eval_lm_program, os.path.abspath(args.data),
@@ -311,20 +314,13 @@ def select_teachers(args, datastore):
     return names
 
 
-def sweep(args, eval_flags):
-    """Run the cache pass (or reuse it) and the grid; write the outputs and return best.json's content."""
-    datastore = Datastore.open(args.dstore)
-    teachers = select_teachers(args, datastore)
+def evaluate_grid(args, cache, teachers):
+    """Extend the temperatures, evaluate the grid from the cache, and return (result, seconds)."""
     started = time.time()
-    cache, reused = prepare_cache(args, teachers, eval_flags, datastore)
-    cache_seconds = time.time() - started
-
-    started = time.time()
-    temperatures = list(args.temperatures)
-    chunks = cache.num_chunks(args.chunk_tokens)
     median = median_nearest_distance(
         c["distances"] for c in cache.iter_chunks([], args.chunk_tokens, fields=("distances",))
     )
+    temperatures = list(args.temperatures)
     if not args.no_extend_temperatures:
         temperatures = extend_temperatures(temperatures, median)
         added = sorted(set(temperatures) - set(args.temperatures))
@@ -335,13 +331,14 @@ def sweep(args, eval_flags):
                 len(grid.temperatures), len(grid.mus), len(grid.lambdas),
                 ", ".join(s.label for s in teacher_sets(teachers)), cache.manifest["tokens"])
     result = run_sweep(cache.iter_chunks(teachers, args.chunk_tokens), grid, teachers,
-                       num_chunks=chunks, progress=not args.no_progress)
+                       num_chunks=cache.num_chunks(args.chunk_tokens), progress=not args.no_progress)
     result.median_nearest = median
-    # The grid time includes the pass over the distances for the median.
-    grid_seconds = time.time() - started
-    points = sum(1 for _ in result.rows())
-    logger.info("%d grid points in %.2f s", points, grid_seconds)
+    # The time includes the pass over the distances for the median.
+    return result, time.time() - started
 
+
+def write_outputs(args, result, eval_flags):
+    """Write grid.csv, the heatmaps and the test commands; return the best points and the commands path."""
     os.makedirs(args.out_dir, exist_ok=True)
     sweep_report.write_grid_csv(os.path.join(args.out_dir, "grid.csv"), result)
     best, commands = {}, []
@@ -351,17 +348,39 @@ def sweep(args, eval_flags):
         command = test_command(args, point, eval_flags, summary_out)
         point["test_command"] = sweep_report.format_command(command)
         best[s.label] = point
-        commands.append((f"{s.label}: validation perplexity {point['perplexity']:.4f}", command))
+        commands.append((f"{s.label}: perplexity {point['perplexity']:.4f} on {args.split}", command))
         if s.names and not args.no_heatmaps:
             path = os.path.join(args.out_dir, f"heatmap-{s.label}.png")
-            sweep_report.plot_heatmap(path, result, s, point["temperature"])
-            point["heatmap"] = path
+            point["heatmap"] = sweep_report.plot_heatmap(path, result, s, point["temperature"], args.split)
+    commands_path = args.test_commands_out or os.path.join(args.out_dir, "test_commands.sh")
+    sweep_report.write_commands(
+        commands_path, commands,
+        [f"Evaluate split {args.test_split} at the best points of the sweep on split {args.split}.",
+         f"Written by python -m ppkd_fairseq.cli.sweep into {os.path.abspath(args.out_dir)}."],
+    )
+    return best, commands_path
+
+
+def sweep(args, eval_flags):
+    """Run the cache pass (or reuse it) and the grid; write the outputs and return best.json's content."""
+    datastore = Datastore.open(args.dstore)
+    teachers = select_teachers(args, datastore)
+    started = time.time()
+    cache, reused = prepare_cache(args, teachers, eval_flags, datastore)
+    cache_seconds = time.time() - started
+
+    result, grid_seconds = evaluate_grid(args, cache, teachers)
+    points = sum(1 for _ in result.rows())
+    logger.info("%d grid points in %.2f s", points, grid_seconds)
+
+    best, commands_path = write_outputs(args, result, eval_flags)
+    grid = result.grid
     report = {
         "split": args.split,
         "tokens": result.tokens,
         "tokens_without_neighbours": result.tokens_without_neighbours,
         "lm_perplexity": result.lm_perplexity,
-        "median_nearest_distance": median,
+        "median_nearest_distance": result.median_nearest,
         "grid": {"temperatures": grid.temperatures, "mus": grid.mus, "lambdas": grid.lambdas, "points": points},
         "best": best,
         "on_edge": any(p["edges"] for p in best.values()),
@@ -370,12 +389,6 @@ def sweep(args, eval_flags):
         "grid_seconds": round(grid_seconds, 3),
     }
     sweep_report.write_best_json(os.path.join(args.out_dir, "best.json"), report)
-    commands_path = args.test_commands_out or os.path.join(args.out_dir, "test_commands.sh")
-    sweep_report.write_commands(
-        commands_path, commands,
-        [f"Evaluate split {args.test_split} at the best points of the sweep on split {args.split}.",
-         f"Written by python -m ppkd_fairseq.cli.sweep into {os.path.abspath(args.out_dir)}."],
-    )
     print_report(report, commands_path)
     return report
 
@@ -400,11 +413,6 @@ def run(argv):
     check_eval_flags(eval_flags)
     if args.chunk_tokens < 1:
         raise SystemExit(f"error: --chunk-tokens must be >= 1, got {args.chunk_tokens}")
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        level=os.environ.get("LOGLEVEL", "INFO").upper(),
-        stream=sys.stderr,
-    )
     try:
         Grid(args.temperatures, args.mus, args.lambdas)
     except ValueError as error:
@@ -413,6 +421,14 @@ def run(argv):
 
 
 def main(argv=None):
+    # force=True because importing fairseq has already configured the root
+    # logger, at level DEBUG, which would let matplotlib's debug lines through.
+    logging.basicConfig(
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        level=os.environ.get("LOGLEVEL", "INFO").upper(),
+        stream=sys.stderr,
+        force=True,
+    )
     run(sys.argv[1:] if argv is None else argv)
 
 

@@ -24,17 +24,18 @@ shards() {
   fi
 }
 
-stage_train() {  # stage_train NAME CONFIG
+stage_train() {  # stage_train NAME CONFIG [FAIRSEQ_FLAGS...]: flags for this model after TRAIN_EXTRA
   local name="$1" config="$2"
+  shift 2
   run_stage "train_${name}" \
     python -m ppkd_fairseq.cli.train "${config}" "${DATA}" \
     --save-dir "${CKPT}/${name}" \
-    -- "${TRAIN_EXTRA[@]}"
+    -- "${TRAIN_EXTRA[@]}" "$@"
 }
 
-stage_dump_datastore() {  # stage_dump_datastore STUDENT_NAME
-  local student="$1"
-  run_stage dump_datastore \
+stage_dump_datastore() {  # stage_dump_datastore STUDENT_NAME [STAGE_NAME]
+  local student="$1" stage="${2:-dump_datastore}"
+  run_stage "${stage}" \
     shards fairseq-eval-lm "${DATA}" \
     --user-dir "${USER_DIR}" \
     --task ppkd_language_modeling \
@@ -46,8 +47,8 @@ stage_dump_datastore() {  # stage_dump_datastore STUDENT_NAME
     "${EVAL_ARGS[@]}"
 }
 
-stage_build_index() {
-  run_stage build_index \
+stage_build_index() {  # stage_build_index [STAGE_NAME]
+  run_stage "${1:-build_index}" \
     python -m ppkd_fairseq.cli.build_index "${DSTORE}" \
     --overwrite \
     "${INDEX_ARGS[@]}"
@@ -78,15 +79,15 @@ stage_dump_masked_teacher() {  # stage_dump_masked_teacher TEACHER_NAME MODEL_NA
     "${MLM_ARGS[@]}"
 }
 
-stage_sweep() {  # stage_sweep SPLIT STUDENT_NAME: cache the split once, then the T x mu x lambda grid
-  local split="$1" student="$2"
-  run_stage "sweep_${split}" \
+stage_sweep() {  # stage_sweep SPLIT STUDENT_NAME [STAGE_NAME [OUT_DIR]]: cache the split once, then the grid
+  local split="$1" student="$2" stage="${3:-sweep_$1}" out="${4:-${RUN_DIR}/sweep-$1}"
+  run_stage "${stage}" \
     python -m ppkd_fairseq.cli.sweep "${DATA}" \
     --path "${CKPT}/${student}/checkpoint_last.pt" \
     --dstore "${DSTORE}" \
     --split "${split}" \
     --k "${K}" \
-    --out-dir "${RUN_DIR}/sweep-${split}" \
+    --out-dir "${out}" \
     --no-progress \
     -- "${EVAL_ARGS[@]}"
 }
@@ -119,20 +120,21 @@ stage_check_test_eval() {  # stage_check_test_eval LABEL STUDENT_NAME: stock fai
     "${EVAL_ARGS[@]}"
 }
 
-stage_report() {  # stage_report TITLE CHECK_LABEL
-  local title="$1" label="$2"
+stage_report() {  # stage_report TITLE CHECK_LABEL [STAGE_NAME [SUFFIX]]
+  local title="$1" label="$2" stage="${3:-report}" suffix="${4:-}"
   local checks=()
   if [[ -f "${RUN_DIR}/check-test-${label}.json" || "${DRY_RUN:-0}" == 1 ]]; then
     checks=(--check-summary "${RUN_DIR}/check-test-${label}.json")
   fi
-  run_stage report \
+  run_stage "${stage}" \
     python -m ppkd_fairseq.cli.report \
-    --valid-sweep "${RUN_DIR}/sweep-valid" \
-    --test-cache "${RUN_DIR}/sweep-test/cache" \
+    --valid-sweep "${RUN_DIR}/sweep-valid${suffix}" \
+    --test-cache "${RUN_DIR}/sweep-test${suffix}/cache" \
     --data "${DATA}" \
     --dstore "${DSTORE}" \
     --stages "${RUN_DIR}/stages" \
     "${checks[@]}" \
     --title "${title}" \
-    --out-dir "${RUN_DIR}/results"
+    --command "${REPRO_COMMAND:-}" \
+    --out-dir "${RUN_DIR}/results${suffix}"
 }

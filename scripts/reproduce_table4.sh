@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Reproduce the student-size and corpus comparison of Jin, Ge and Wei (2022)
+# with GPUs: for each student size (small, mid, large, DistilGPT-2- and
+# GPT-2-small-shaped), the LM, the kNN-LM, the KD-trained student and PP-KD
+# with the causal teacher, on WikiText-103 or on a raw-text corpus such as
+# BookCorpus (split 90/5/5 by document).
+#
+# Usage: bash scripts/reproduce_table4.sh [--dry-run]
+# Variables: CORPUS (wikitext-103, default, or text), TEXT_SOURCE (folder of
+# .txt documents when CORPUS=text), WIKITEXT_DIR, RUN_DIR (default
+# runs/table4-CORPUS), STUDENTS (default "small mid large distilgpt2
+# gpt2small"), NUM_SHARDS.
+#
+# Expected cost, as estimates: each student trains 1-3 days on 8 GPUs and
+# its datastore takes 103M x d x 2 bytes (79 GB at d = 384, 158 GB at 768);
+# the teacher is trained once and its states are dumped once per student
+# datastore (211 GB each).
+set -euo pipefail
+
+for arg in "$@"; do
+  case "${arg}" in
+    --dry-run) export DRY_RUN=1 ;;
+    *) echo "unknown argument ${arg}; expected --dry-run" >&2; exit 2 ;;
+  esac
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib/stages.sh
+source "${REPO}/scripts/lib/stages.sh"
+# shellcheck source=lib/pipeline.sh
+source "${REPO}/scripts/lib/pipeline.sh"
+# shellcheck source=lib/gpu.sh
+source "${REPO}/scripts/lib/gpu.sh"
+
+CORPUS="${CORPUS:-wikitext-103}"
+RUN_DIR="${RUN_DIR:-runs/table4-${CORPUS}}"
+export RUN_DIR
+mkdir -p "${RUN_DIR}"
+DATA="${RUN_DIR}/data-bin"
+CKPT="${RUN_DIR}/checkpoints"
+REPRO_COMMAND="bash scripts/reproduce_table4.sh $*"
+read -r -a students <<< "${STUDENTS:-small mid large distilgpt2 gpt2small}"
+
+if [[ "${CORPUS}" == text ]]; then
+  run_stage prepare_data \
+    python -m ppkd_fairseq.cli.prepare_data text \
+    --source "${TEXT_SOURCE:?set TEXT_SOURCE to the corpus folder}" \
+    --destdir "${DATA}" \
+    --workers 8
+else
+  run_stage prepare_data \
+    python -m ppkd_fairseq.cli.prepare_data "${CORPUS}" \
+    ${WIKITEXT_DIR:+--source "${WIKITEXT_DIR}"} \
+    --destdir "${DATA}" \
+    --workers 8
+fi
+stage_train teacher wt103_teacher
+
+for size in "${students[@]}"; do
+  student="student_${size}"
+  DSTORE="${RUN_DIR}/datastore-${size}"
+  stage_train "${student}" "wt103_student_${size}"
+  stage_dump_datastore "${student}" "dump_datastore_${size}"
+  stage_build_index "build_index_${size}"
+  run_stage "dump_teacher_causal_${size}" \
+    shards fairseq-eval-lm "${DATA}" \
+    --user-dir "${USER_DIR}" \
+    --task ppkd_language_modeling \
+    --path "${CKPT}/teacher/checkpoint_last.pt" \
+    --gen-subset train \
+    --ppkd-mode dump_teacher \
+    --ppkd-dstore "${DSTORE}" \
+    --ppkd-teacher-name causal \
+    "${EVAL_ARGS[@]}"
+  stage_sweep valid "${student}" "sweep_valid_${size}" "${RUN_DIR}/sweep-valid-${size}"
+  stage_sweep test "${student}" "sweep_test_${size}" "${RUN_DIR}/sweep-test-${size}"
+  stage_report "Student ${size} on ${CORPUS}" none "report_${size}" "-${size}"
+done

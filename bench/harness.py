@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -214,9 +215,16 @@ def _install_timers():
 
 
 def quiet_logging():
-    """Show warnings only from fairseq and the plugin, progress from the benchmark."""
+    """Show warnings only from fairseq and the plugin, progress from the benchmark.
+
+    Python warnings (hydra's deprecation notices at every configuration
+    parse, torch's pin_memory notice) are silenced, because they repeat at
+    every in-process run.
+    """
     import fairseq_cli.eval_lm  # noqa: F401  (its import calls logging.basicConfig at INFO)
 
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
 

@@ -37,6 +37,9 @@ class TeacherHead:
         tail_weights: one (V_c, d_t) float32 matrix per tail cluster, the
             tail's word vectors mapped back through its projection.
         tail_ranges: [start, end) word ids of each tail cluster.
+        tail_factors: optional ``(projection, words)`` per tail cluster,
+            (d_c, d_t) and (V_c, d_c), whose product is the tail matrix;
+            the normalizers use them because d_c < d_t makes them cheaper.
         head_size: number of words in the head (V for a full softmax).
     """
 
@@ -47,6 +50,7 @@ class TeacherHead:
     tail_weights: list
     tail_ranges: list
     head_size: int
+    tail_factors: Optional[list] = None
 
     @property
     def vocab_size(self):
@@ -69,6 +73,7 @@ class TeacherHead:
             "tail_weights": list(self.tail_weights),
             "tail_ranges": [list(r) for r in self.tail_ranges],
             "head_size": int(self.head_size),
+            "tail_factors": [list(f) for f in self.tail_factors] if self.tail_factors else None,
         }
 
     @classmethod
@@ -81,6 +86,7 @@ class TeacherHead:
             tail_weights=list(state["tail_weights"]),
             tail_ranges=[tuple(r) for r in state["tail_ranges"]],
             head_size=int(state["head_size"]),
+            tail_factors=[tuple(f) for f in state["tail_factors"]] if state.get("tail_factors") else None,
         )
 
 
@@ -133,7 +139,7 @@ def adaptive_softmax_head(adaptive_softmax):
         weight[:head_words] = head_matrix[:, :head_words].t()
         word_cluster = torch.zeros(vocab, dtype=torch.long)
         cluster_logit_weight = torch.zeros(1 + n_tail, d)
-        tail_weights, tail_ranges = [], []
+        tail_weights, tail_ranges, tail_factors = [], [], []
         for i in range(n_tail):
             start, end = cutoff[i], cutoff[i + 1]
             cluster_vec = head_matrix[:, head_words + i]  # (d,)
@@ -142,6 +148,7 @@ def adaptive_softmax_head(adaptive_softmax):
                 raise ValueError(f"adaptive softmax tail {i} has a bias; this export assumes none")
             cluster_logit_weight[1 + i] = cluster_vec
             tail_weights.append(tail_matrix.contiguous())
+            tail_factors.append(_tail_factors(module.tail[i], eye, tail_matrix))
             tail_ranges.append((start, end))
             weight[start:end] = tail_matrix + cluster_vec
             word_cluster[start:end] = 1 + i
@@ -155,7 +162,27 @@ def adaptive_softmax_head(adaptive_softmax):
         tail_weights=tail_weights,
         tail_ranges=tail_ranges,
         head_size=head_words,
+        tail_factors=tail_factors if all(f is not None for f in tail_factors) else None,
     )
+
+
+def _tail_factors(tail, eye, tail_matrix):
+    """Return ``(projection (d_c, d), words (V_c, d_c))`` of a fairseq tail.
+
+    fairseq's tails are ``Sequential(projection, dropout, output)``; the
+    factors are read by applying each linear part to the identity and are
+    checked against the whole tail. Returns None for another structure.
+    """
+    parts = list(tail) if isinstance(tail, torch.nn.Sequential) else []
+    if len(parts) != 3:
+        return None
+    projection = parts[0](eye).float()  # (d, d_c)
+    d_c = projection.shape[1]
+    words = parts[2](torch.eye(d_c, dtype=eye.dtype, device=eye.device)).float()  # (d_c, V_c)
+    product = (projection @ words).t().cpu()  # (V_c, d)
+    if not torch.allclose(product, tail_matrix, rtol=1e-4, atol=1e-5):
+        return None
+    return projection.t().contiguous().cpu(), words.t().contiguous().cpu()
 
 
 def _param_dtype(module):
@@ -187,9 +214,14 @@ def log_normalizers(head, states):
     )  # (n, head_size + n_tail)
     z_head = torch.logsumexp(head_logits, dim=-1)  # (n,)
     columns = [z_head]
-    for tail in head.tail_weights:
-        z_tail = torch.logsumexp(u @ tail.to(u.device).t(), dim=-1)  # (n,)
-        columns.append(z_head + z_tail)
+    for i, tail in enumerate(head.tail_weights):
+        if head.tail_factors:
+            # Through the d_c-wide projection: V_c * d_c instead of V_c * d_t per state.
+            projection, words = head.tail_factors[i]
+            logits = (u @ projection.to(u.device).t()) @ words.to(u.device).t()  # (n, V_c)
+        else:
+            logits = u @ tail.to(u.device).t()  # (n, V_c)
+        columns.append(z_head + torch.logsumexp(logits, dim=-1))
     return torch.stack(columns, dim=-1)
 
 

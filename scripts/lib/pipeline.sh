@@ -11,6 +11,7 @@
 #   INDEX_ARGS  array of build_index flags
 #   MLM_ARGS    array of add-masked-teacher flags
 #   NUM_SHARDS  processes (one per GPU) sharing each dump; 1 runs one process
+#   K, PROBE    neighbours per token and IVF lists probed (default 32)
 
 USER_DIR="${REPO}/ppkd_fairseq"
 NUM_SHARDS="${NUM_SHARDS:-1}"
@@ -87,6 +88,7 @@ stage_sweep() {  # stage_sweep SPLIT STUDENT_NAME [STAGE_NAME [OUT_DIR]]: cache 
     --dstore "${DSTORE}" \
     --split "${split}" \
     --k "${K}" \
+    --probe "${PROBE:-32}" \
     --out-dir "${out}" \
     --no-progress \
     -- "${EVAL_ARGS[@]}"
@@ -111,6 +113,7 @@ stage_check_test_eval() {  # stage_check_test_eval LABEL STUDENT_NAME: stock fai
     --gen-subset test \
     --ppkd-dstore "${DSTORE}" \
     --ppkd-k "${K}" \
+    --ppkd-probe "${PROBE:-32}" \
     --ppkd-temperature "${point[0]}" \
     --ppkd-mu "${point[1]}" \
     --ppkd-lambda "${point[2]}" \

@@ -215,20 +215,27 @@ class TeacherStore:
         self.lognorm = lognorm
         self.head = head
 
-    def target_log_probs(self, rows, targets):
+    def target_log_probs(self, rows, targets, chunk_rows=65536):
         """Return (n, k) float32 ``log p_teacher(target_i | U[rows[i, j]])``.
 
         Args:
             rows: (n, k) int64 row ids, all valid (>= 0).
             targets: (n,) int64 target word ids.
+            chunk_rows: states read and scored per step, which bounds the
+                float32 temporaries to a few ``chunk_rows * d_t`` arrays.
         """
         from .teacher_head import target_log_probs
 
         n, k = rows.shape
         flat = rows.reshape(-1)
-        u = torch.from_numpy(np.ascontiguousarray(self.states[flat])).view(n, k, -1)
-        z = torch.from_numpy(np.ascontiguousarray(self.lognorm[flat])).view(n, k, -1)
-        return target_log_probs(self.head, u, z, torch.as_tensor(targets).view(n, 1))
+        flat_targets = torch.as_tensor(targets).view(n, 1).expand(n, k).reshape(-1)
+        out = torch.empty(n * k, dtype=torch.float32)
+        for begin in range(0, flat.size, chunk_rows):
+            end = begin + chunk_rows
+            u = torch.from_numpy(np.ascontiguousarray(self.states[flat[begin:end]]))  # (c, d_t)
+            z = torch.from_numpy(np.ascontiguousarray(self.lognorm[flat[begin:end]]))  # (c, C)
+            out[begin:end] = target_log_probs(self.head, u, z, flat_targets[begin:end])
+        return out.view(n, k)
 
 
 class Datastore:

@@ -50,19 +50,24 @@ def gather_rows(array, ids, valid):
     return out
 
 
-def exact_distances(queries, keys, ids, valid):
+def exact_distances(queries, keys, ids, valid, chunk_queries=128):
     """Return (n, k) float32 squared L2 distances to the stored keys.
 
     Args:
         queries: (n, d) float32.
         keys: (N, d) memmap of the datastore keys.
         ids, valid: (n, k) from the search.
+        chunk_queries: queries per step; a step holds a few (chunk, k, d)
+            float32 temporaries (128 MB each at k = 1024, d = 256).
     """
-    neighbour_keys = torch.from_numpy(gather_rows(keys, ids, valid)).float()  # (n, k, d)
-    q = torch.from_numpy(queries).float().unsqueeze(1)  # (n, 1, d)
-    d = ((neighbour_keys - q) ** 2).sum(-1)
-    d[~torch.from_numpy(valid)] = float("inf")
-    return d.numpy()
+    out = np.empty(ids.shape, dtype=np.float32)
+    for begin in range(0, ids.shape[0], chunk_queries):
+        end = begin + chunk_queries
+        neighbour_keys = torch.from_numpy(gather_rows(keys, ids[begin:end], valid[begin:end])).float()  # (c, k, d)
+        q = torch.from_numpy(queries[begin:end]).float().unsqueeze(1)  # (c, 1, d)
+        out[begin:end] = ((neighbour_keys - q) ** 2).sum(-1).numpy()
+    out[~valid] = np.inf
+    return out
 
 
 def search(index, queries, k, keys=None, exclude_rows=None, exact=True):

@@ -10,7 +10,7 @@ ppkd_language_modeling``. ``--ppkd-mode`` selects what the run does:
   of an existing datastore (the teacher checkpoint is ``--path``);
 * ``cache``: store each token's LM log-probability, neighbour distances and
   teacher log-probabilities in ``--ppkd-cache-dir`` for a T, mu and lambda
-  sweep (see sweep_cache.py); the run reports the plain LM's perplexity.
+  sweep (see sweep_cache.py). The run reports the plain LM's perplexity.
 """
 
 import argparse

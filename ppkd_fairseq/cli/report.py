@@ -46,7 +46,9 @@ def get_parser():
     parser.add_argument("--check-summary", action="append", default=[],
                         help="fairseq-eval-lm --ppkd-summary-out JSON to compare with the table (repeatable)")
     parser.add_argument("--bootstrap-samples", type=int, default=10000, help="bootstrap draws (default: 10000)")
-    parser.add_argument("--seed", type=int, default=1, help="bootstrap seed (default: 1)")
+    parser.add_argument("--seed", type=int, default=1, help="bootstrap and row-sample seed (default: 1)")
+    parser.add_argument("--teacher-rows", type=int, default=200000,
+                        help="datastore rows sampled for the teachers' cross-entropy; 0 uses all (default: 200000)")
     parser.add_argument("--out-dir", required=True, help="folder for results.json and results.md")
     parser.add_argument("--title", default="WikiText-2 reproduction", help="title of the Markdown page")
     parser.add_argument("--command", default=None,
@@ -107,17 +109,21 @@ def build(args):
             row["articles"] = test["articles"]
     lm_sums, _ = significance.article_sums(lm, article_of_token)
     knn_row = next(r for r in rows if r.get("label") == knn_label)
+    if len(counts) < 10:
+        logger.warning("only %d articles in the test split: the bootstrap p-values are not meaningful", len(counts))
     knn_row["p_value_vs_lm"] = significance.paired_bootstrap(
         lm_sums, base_sums, counts, samples=args.bootstrap_samples, seed=args.seed)["p_value"]
 
     store = Datastore.open(args.dstore)
     teachers = {}
     every_row = np.arange(store.num_rows, dtype=np.int64)
+    if 0 < args.teacher_rows < store.num_rows:
+        every_row = np.sort(np.random.default_rng(args.seed).choice(store.num_rows, args.teacher_rows, replace=False))
     for name in store.teacher_names():
         teacher = store.open_teacher(name)
         ce = results.teacher_train_cross_entropy(teacher, store.values, every_row)
         teachers[name] = {"kind": teacher.manifest.get("kind"), "train_cross_entropy_nats": ce,
-                          "train_perplexity": float(np.exp(ce)), "rows": int(store.num_rows),
+                          "train_perplexity": float(np.exp(ce)), "rows": int(len(every_row)),
                           "masking": teacher.manifest.get("masking")}
 
     checks = []
@@ -169,9 +175,11 @@ def render_markdown(report):
         p = r.get("p_value_vs_knn_lm")
         lines.append(f"| {r['system']} | {_fmt(r['temperature'], 3)} | {_fmt(r['mu'], 2)} | {_fmt(r['lambda'], 2)} | "
                      f"{_fmt(r['valid_perplexity'])} | {_fmt(r['test_perplexity'])} | {_fmt(p, 4) if p is not None else ''} |")
-    lines += ["", "| teacher | kind | cross-entropy on its training rows (nats) | perplexity |", "| --- | --- | ---: | ---: |"]
+    lines += ["", "| teacher | kind | cross-entropy on training rows (nats) | perplexity | rows sampled |",
+              "| --- | --- | ---: | ---: | ---: |"]
     for name, t in report["teachers"].items():
-        lines.append(f"| {name} | {t['kind']} | {t['train_cross_entropy_nats']:.3f} | {t['train_perplexity']:.2f} |")
+        lines.append(f"| {name} | {t['kind']} | {t['train_cross_entropy_nats']:.3f} | {t['train_perplexity']:.2f} | "
+                     f"{t['rows']:,} |")
     if report["checks"]:
         lines += ["", "| check: fairseq-eval-lm summary | its perplexity | table perplexity | tokens |",
                   "| --- | ---: | ---: | ---: |"]

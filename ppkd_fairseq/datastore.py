@@ -221,21 +221,27 @@ class TeacherStore:
         Args:
             rows: (n, k) int64 row ids, all valid (>= 0).
             targets: (n,) int64 target word ids.
-            chunk_rows: states read and scored per step, which bounds the
-                float32 temporaries to a few ``chunk_rows * d_t`` arrays.
+            chunk_rows: states read and scored per step, rounded down to
+                whole queries (at least one), which bounds the float32
+                temporaries to a few ``chunk_rows * d_t`` arrays.
         """
         from .teacher_head import target_log_probs
 
         n, k = rows.shape
-        flat = rows.reshape(-1)
-        flat_targets = torch.as_tensor(targets).view(n, 1).expand(n, k).reshape(-1)
-        out = torch.empty(n * k, dtype=torch.float32)
-        for begin in range(0, flat.size, chunk_rows):
-            end = begin + chunk_rows
-            u = torch.from_numpy(np.ascontiguousarray(self.states[flat[begin:end]]))  # (c, d_t)
-            z = torch.from_numpy(np.ascontiguousarray(self.lognorm[flat[begin:end]]))  # (c, C)
-            out[begin:end] = target_log_probs(self.head, u, z, flat_targets[begin:end])
-        return out.view(n, k)
+        targets = torch.as_tensor(targets).view(n, 1)
+        out = torch.empty(n, k, dtype=torch.float32)
+        step = max(1, chunk_rows // k)  # whole queries per step, so each has one target vector
+        for begin in range(0, n, step):
+            end = min(n, begin + step)
+            # Each distinct row is read once, in increasing order, and cast to
+            # float32 once; rows shared by several queries are copied in RAM.
+            distinct, inverse = np.unique(rows[begin:end].reshape(-1), return_inverse=True)
+            inverse = torch.from_numpy(inverse.reshape(-1))
+            u = torch.from_numpy(np.asarray(self.states[distinct])).float()[inverse]  # (c * k, d_t)
+            z = torch.from_numpy(np.asarray(self.lognorm[distinct]))[inverse]  # (c * k, C)
+            out[begin:end] = target_log_probs(self.head, u.view(end - begin, k, -1), z.view(end - begin, k, -1),
+                                              targets[begin:end])
+        return out
 
 
 class Datastore:

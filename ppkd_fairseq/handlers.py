@@ -18,7 +18,7 @@ import torch
 
 from . import manifest as mf
 from . import mixture
-from .retrieval import search
+from .retrieval import gather_rows, search
 from .rows import target_rows
 from .teacher_head import full_log_probs
 
@@ -131,7 +131,10 @@ class ScoreHandler:
         queries = model.ppkd_captured("key", target.shape)[mask].float().cpu().numpy()  # (n, d)
         targets = target[mask].cpu()  # (n,)
         lprobs = base(target_only=not s["full_distribution"])  # (B, T, V)
-        lm_target = lprobs[mask].gather(-1, targets.to(lprobs.device).unsqueeze(-1)).squeeze(-1).cpu()
+        # Index the target entries directly, because lprobs[mask] copies n x V floats.
+        batch_index, time_index = mask.nonzero(as_tuple=True)  # (n,) each, in lprobs[mask]'s order
+        target_index = targets.to(lprobs.device)
+        lm_target = lprobs[batch_index, time_index, target_index].cpu()
 
         t0 = time.perf_counter()
         nb = search(
@@ -141,9 +144,7 @@ class ScoreHandler:
         self.search_seconds += time.perf_counter() - t0
         valid = torch.from_numpy(nb.valid)
         log_w = mixture.log_weights(torch.from_numpy(nb.distances), s["temperature"], valid)
-        values = np.zeros(nb.ids.shape, dtype=np.int64)
-        values[nb.valid] = self.datastore.values[nb.ids[nb.valid]]
-        values = torch.from_numpy(values)
+        values = torch.from_numpy(gather_rows(self.datastore.values, nb.ids, nb.valid).astype(np.int64))
         value_match = (values == targets.unsqueeze(1)) & valid
         teacher_lp = None
         if s["mu"] < 1.0:
@@ -155,24 +156,20 @@ class ScoreHandler:
             full = self.full_distribution(lprobs[mask].cpu(), log_w, values, nb, parts)
             lprobs[mask] = full.to(lprobs.dtype).to(lprobs.device)
         else:
-            flat = lprobs[mask]
-            flat.scatter_(-1, targets.to(flat.device).unsqueeze(-1), final.to(flat.device).unsqueeze(-1))
-            lprobs[mask] = flat
+            lprobs[batch_index, time_index, target_index] = final.to(lprobs.dtype).to(lprobs.device)
 
         self.record(positions, targets, parts, value_match, nb)
         return lprobs
 
     def teacher_target_log_probs(self, nb, targets):
+        # Invalid slots read row 0 and are masked afterwards, so that each
+        # teacher scores whole (n, k) blocks against one target per query.
+        rows = np.where(nb.valid, nb.ids, 0)
+        invalid = torch.from_numpy(~nb.valid)
         per_teacher = []
-        ids = np.where(nb.valid, nb.ids, 0)
         for teacher in self.teachers:
-            lp = torch.full(nb.ids.shape, float("-inf"))
-            rows = ids[nb.valid]
-            if rows.size:
-                # One row per valid neighbour: (m, 1) rows against (m, 1) targets.
-                tgt = targets.unsqueeze(1).expand(nb.ids.shape)[torch.from_numpy(nb.valid)]
-                lp[torch.from_numpy(nb.valid)] = teacher.target_log_probs(rows[:, None], tgt.numpy())[:, 0]
-            per_teacher.append(lp)
+            lp = teacher.target_log_probs(rows, targets.numpy())  # (n, k)
+            per_teacher.append(lp.masked_fill_(invalid, float("-inf")))
         if len(per_teacher) == 1:
             return per_teacher[0]
         return mixture.average_teachers(per_teacher)

@@ -40,9 +40,6 @@ def test_dry_run_shards_dumps(tmp_path):
     assert dump and dump[0].startswith("shards fairseq-eval-lm")
 
 
-# NOTE: the smoke run has not yet passed end to end on the development
-# machine, so it runs only on request (PPKD_SMOKE=1).
-@pytest.mark.skipif(os.environ.get("PPKD_SMOKE") != "1", reason="set PPKD_SMOKE=1 to run the smoke reproduction")
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "wikitext-2")),
                     reason=f"WikiText-2 token files not found in {SHARED_DATA} (set WIKITEXT_DIR)")
 def test_wikitext2_smoke_run(tmp_path):

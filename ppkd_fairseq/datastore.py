@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import manifest as mf
+from .retrieval import take_rows
 from .teacher_head import TeacherHead
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class TeacherStore:
         self.lognorm = lognorm
         self.head = head
 
-    def target_log_probs(self, rows, targets, chunk_rows=65536):
+    def target_log_probs(self, rows, targets, chunk_rows=16384):
         """Return (n, k) float32 ``log p_teacher(target_i | U[rows[i, j]])``.
 
         Args:
@@ -223,7 +224,9 @@ class TeacherStore:
             targets: (n,) int64 target word ids.
             chunk_rows: states read and scored per step, rounded down to
                 whole queries (at least one), which bounds the float32
-                temporaries to a few ``chunk_rows * d_t`` arrays.
+                temporaries to a few ``chunk_rows * d_t`` arrays (25 MB
+                each at the default and d_t = 384), small enough to stay
+                near the CPU's cache.
         """
         from .teacher_head import target_log_probs
 
@@ -233,15 +236,26 @@ class TeacherStore:
         step = max(1, chunk_rows // k)  # whole queries per step, so each has one target vector
         for begin in range(0, n, step):
             end = min(n, begin + step)
-            # Each distinct row is read once, in increasing order, and cast to
-            # float32 once; rows shared by several queries are copied in RAM.
-            distinct, inverse = np.unique(rows[begin:end].reshape(-1), return_inverse=True)
-            inverse = torch.from_numpy(inverse.reshape(-1))
-            u = torch.from_numpy(np.asarray(self.states[distinct])).float()[inverse]  # (c * k, d_t)
-            z = torch.from_numpy(np.asarray(self.lognorm[distinct]))[inverse]  # (c * k, C)
-            out[begin:end] = target_log_probs(self.head, u.view(end - begin, k, -1), z.view(end - begin, k, -1),
-                                              targets[begin:end])
+            flat = rows[begin:end].reshape(-1)
+            shape = (end - begin, k, -1)
+            u = take_rows(self.states, flat, torch.float32).view(shape)  # (c, k, d_t)
+            z = take_rows(self.lognorm, flat, torch.float32).view(shape)  # (c, k, C)
+            out[begin:end] = target_log_probs(self.head, u, z, targets[begin:end])
         return out
+
+
+    def neighbour_log_probs(self, ids, valid, targets):
+        """Return (n, k) float32 ``log p_teacher(target_i | U[ids[i, j]])``, -inf where invalid.
+
+        Args:
+            ids: (n, k) int64 retrieved rows, any value where invalid.
+            valid: (n, k) bool.
+            targets: (n,) int64 target word ids.
+        """
+        # Invalid slots read row 0 and are masked afterwards, so that whole
+        # (n, k) blocks are scored against one target vector per query.
+        log_probs = self.target_log_probs(np.where(valid, ids, 0), torch.as_tensor(targets))
+        return log_probs.masked_fill_(torch.from_numpy(~valid), float("-inf"))
 
 
 class Datastore:

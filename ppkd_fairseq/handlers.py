@@ -162,14 +162,9 @@ class ScoreHandler:
         return lprobs
 
     def teacher_target_log_probs(self, nb, targets):
-        # Invalid slots read row 0 and are masked afterwards, so that each
-        # teacher scores whole (n, k) blocks against one target per query.
-        rows = np.where(nb.valid, nb.ids, 0)
-        invalid = torch.from_numpy(~nb.valid)
-        per_teacher = []
-        for teacher in self.teachers:
-            lp = teacher.target_log_probs(rows, targets.numpy())  # (n, k)
-            per_teacher.append(lp.masked_fill_(invalid, float("-inf")))
+        per_teacher = [
+            teacher.neighbour_log_probs(nb.ids, nb.valid, targets) for teacher in self.teachers
+        ]  # each (n, k)
         if len(per_teacher) == 1:
             return per_teacher[0]
         return mixture.average_teachers(per_teacher)

@@ -7,6 +7,7 @@ probed lists hold fewer than k vectors; such slots are marked invalid and no
 -1 is ever used to index the keys, values or teacher states.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,28 +29,50 @@ class Neighbours:
     valid: np.ndarray
 
 
-def gather_rows(array, ids, valid):
+def as_tensor(array):
+    """Return a CPU tensor that shares memory with a NumPy array or memmap.
+
+    A read-only memmap gives a tensor that must not be written to. Nothing
+    here writes to one, so torch's warning about it is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(array))
+
+
+def take_rows(array, ids, dtype=None):
+    """Return ``array[ids]`` as a tensor, for (m,) int64 row ids all >= 0.
+
+    torch's ``index_select`` copies the rows with torch's threads. On a
+    memmap the OS pages them in from disk or from its cache. Rows are cast to ``dtype``
+    (a torch dtype) after the copy, so the memmap is read at its stored width.
+    """
+    rows = as_tensor(array).index_select(0, torch.as_tensor(ids, dtype=torch.int64))
+    return rows if dtype is None else rows.to(dtype)
+
+
+def gather_rows(array, ids, valid, dtype=None):
     """Read ``array[ids]`` for the valid slots only; invalid slots are zero.
 
     Args:
         array: (N, ...) memmap or array.
         ids: (n, k) int64 row ids.
         valid: (n, k) bool.
+        dtype: NumPy dtype of the result (default: ``array``'s).
 
     Returns:
-        (n, k, ...) array of ``array``'s dtype.
+        (n, k, ...) array of ``dtype``.
     """
-    out = np.zeros(ids.shape + array.shape[1:], dtype=array.dtype)
-    flat = ids[valid]
-    if flat.size:
-        # Each distinct row is read once and in increasing order, so a memmap
-        # touches each page once; rows shared by several queries are copied in RAM.
-        rows, inverse = np.unique(flat, return_inverse=True)
-        out[valid] = np.asarray(array[rows])[inverse.reshape(-1)]
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
+    rows = np.where(valid, ids, 0).reshape(-1)
+    out = take_rows(array, rows).numpy().astype(dtype, copy=False).reshape(ids.shape + array.shape[1:])
+    if not valid.all():
+        out = np.array(out, copy=True) if not out.flags.writeable else out
+        out[~valid] = 0
     return out
 
 
-def exact_distances(queries, keys, ids, valid, chunk_queries=128):
+def exact_distances(queries, keys, ids, valid, chunk_queries=8):
     """Return (n, k) float32 squared L2 distances to the stored keys.
 
     Args:
@@ -57,12 +80,18 @@ def exact_distances(queries, keys, ids, valid, chunk_queries=128):
         keys: (N, d) memmap of the datastore keys.
         ids, valid: (n, k) from the search.
         chunk_queries: queries per step; a step holds a few (chunk, k, d)
-            float32 temporaries (128 MB each at k = 1024, d = 256).
+            float32 temporaries (8 MB each at the default, k = 1024 and
+            d = 256). Small steps keep them in the CPU's cache: under
+            ``bench/bench_overhead.py --profile`` the exact distances took
+            8.9 s with 128 queries per step and 1.1 s with 8 (two runs at
+            different machine load).
     """
     out = np.empty(ids.shape, dtype=np.float32)
     for begin in range(0, ids.shape[0], chunk_queries):
         end = begin + chunk_queries
-        neighbour_keys = torch.from_numpy(gather_rows(keys, ids[begin:end], valid[begin:end])).float()  # (c, k, d)
+        c = min(end, ids.shape[0]) - begin
+        rows = np.where(valid[begin:end], ids[begin:end], 0).reshape(-1)
+        neighbour_keys = take_rows(keys, rows, torch.float32).view(c, ids.shape[1], -1)  # (c, k, d)
         q = torch.from_numpy(queries[begin:end]).float().unsqueeze(1)  # (c, 1, d)
         # In place, because neighbour_keys is a fresh array: one (c, k, d)
         # temporary instead of three, and the same arithmetic as (x - q) ** 2.

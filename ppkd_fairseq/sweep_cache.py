@@ -37,7 +37,7 @@ import torch
 
 from . import manifest as mf
 from .datastore import npy_spec
-from .retrieval import search
+from .retrieval import gather_rows, search
 from .rows import target_rows
 
 logger = logging.getLogger(__name__)
@@ -152,31 +152,6 @@ class CacheWriter:
         return manifest
 
 
-def teacher_log_probs_per_neighbour(teacher, ids, valid, targets, rows_per_step=1 << 17):
-    """Return (n, k) float32 ``log p_teacher(target_i | U[ids[i, j]])``, -inf where invalid.
-
-    Args:
-        teacher: a :class:`~ppkd_fairseq.datastore.TeacherStore`.
-        ids: (n, k) int64 datastore rows.
-        valid: (n, k) bool.
-        targets: (n,) int64 target word ids.
-        rows_per_step: neighbours scored at once. A step reads their states
-            and output vectors as float32, so at d_t = 1024 the default of
-            131,072 takes about 1 GB.
-    """
-    rows = ids[valid]  # (m,)
-    valid_t = torch.from_numpy(valid)
-    neighbour_targets = targets.unsqueeze(1).expand(ids.shape)[valid_t].numpy()  # (m,)
-    scores = np.empty(rows.shape, dtype=np.float32)
-    for begin in range(0, rows.size, rows_per_step):
-        step = slice(begin, begin + rows_per_step)
-        # One (1,)-row per valid neighbour, scored against that query's target.
-        scores[step] = teacher.target_log_probs(rows[step, None], neighbour_targets[step])[:, 0].numpy()
-    log_probs = torch.full(ids.shape, float("-inf"))
-    log_probs[valid_t] = torch.from_numpy(scores)
-    return log_probs
-
-
 class CacheHandler:
     """Score each batch with the LM and store the mixture's inputs in the cache.
 
@@ -225,11 +200,10 @@ class CacheHandler:
             self.index, queries, s["k"], keys=self.datastore.keys,
             exclude_rows=positions if s["exclude_own_row"] else None, exact=s["exact_distance"],
         )
-        values = np.zeros(nb.ids.shape, dtype=np.int64)
-        values[nb.valid] = self.datastore.values[nb.ids[nb.valid]]
+        values = gather_rows(self.datastore.values, nb.ids, nb.valid).astype(np.int64)  # (n, k), 0 where invalid
         value_match = (values == targets.numpy()[:, None]) & nb.valid  # (n, k)
         teacher_lp = {
-            t.name: teacher_log_probs_per_neighbour(t, nb.ids, nb.valid, targets).numpy() for t in self.teachers
+            t.name: t.neighbour_log_probs(nb.ids, nb.valid, targets).numpy() for t in self.teachers
         }
         self.writer.write(positions, lm_target.float().numpy(), nb.distances, value_match, teacher_lp)
 

@@ -252,8 +252,38 @@ def target_log_probs(head, states, normalizers, targets):
 
 
 def full_log_probs(head, states):
-    """Return the teacher's full log-distribution, (n, V) float32 (costly)."""
+    """Return the teacher's full log-distribution, (n, V) float32 (costly).
+
+    An adaptive softmax is scored cluster by cluster, as its own forward
+    pass does, with one log-softmax per cluster and no second pass for the
+    normalizers. With ``tail_factors`` the tails go through their d_c-wide
+    projections, which costs a fraction of the folded vectors' product.
+    """
     u = states.float()
+    if head.tail_ranges:
+        return _clustered_log_probs(head, u)
     z = log_normalizers(head, u)  # (n, C)
     logits = u @ head.weight.to(u.device).t() + head.bias.to(u.device)  # (n, V)
     return logits - z[:, head.word_cluster.to(u.device)]
+
+
+def _clustered_log_probs(head, u):
+    """Return :func:`full_log_probs` of an adaptive softmax for (n, d_t) float32 states ``u``."""
+    w = head.weight.to(u.device)
+    head_logits = torch.cat(
+        [u @ w[: head.head_size].t(), u @ head.cluster_logit_weight[1:].to(u.device).t()], dim=-1
+    )  # (n, head_size + n_tail)
+    head_lp = torch.log_softmax(head_logits, dim=-1)
+    pieces = [head_lp[:, : head.head_size]]
+    expected_start = head.head_size
+    for i, (start, end) in enumerate(head.tail_ranges):
+        assert start == expected_start, f"tail cluster {i} starts at word {start}, expected {expected_start}"
+        expected_start = end
+        if head.tail_factors:
+            projection, words = head.tail_factors[i]
+            logits = (u @ projection.to(u.device).t()) @ words.to(u.device).t()  # (n, V_c)
+        else:
+            logits = u @ head.tail_weights[i].to(u.device).t()  # (n, V_c)
+        cluster = head_lp[:, head.head_size + i].unsqueeze(-1)  # (n, 1)
+        pieces.append(torch.log_softmax(logits, dim=-1).add_(cluster))
+    return torch.cat(pieces, dim=-1)

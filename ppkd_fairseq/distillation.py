@@ -80,9 +80,34 @@ def distillation_loss(student_log_probs, teacher_log_probs, target, alpha, tempe
     assert target.shape == (n,), f"target has shape {tuple(target.shape)}, expected {(n,)}"
     student_log_probs = student_log_probs.float()
     nll = -student_log_probs.gather(1, target.long().unsqueeze(1)).sum()
-    student_tempered = temper(student_log_probs, temperature)  # (n, V)
     teacher_tempered = temper(teacher_log_probs.detach(), temperature)  # (n, V)
-    # kl_div(input, target) sums exp(target) * (target - input).
-    kl = F.kl_div(student_tempered, teacher_tempered, reduction="sum", log_target=True)
+    kl = TemperedKL.apply(student_log_probs, teacher_tempered, temperature)
     loss = alpha * nll + (1.0 - alpha) * temperature**2 * kl
     return loss, nll, kl
+
+
+class TemperedKL(torch.autograd.Function):
+    """``KL(p_t || softmax(s / tau))`` summed over rows, with a one-step gradient.
+
+    Autograd through ``log_softmax`` and ``kl_div`` keeps several (n, V)
+    matrices and passes over each of them. The gradient has the closed form
+    ``dKL/ds = (softmax(s / tau) - p_t) / tau``, which needs one pass.
+
+    Inputs: ``s`` (n, V) student log-probabilities (or logits), ``log_p_t``
+    (n, V) tempered teacher log-probabilities (no gradient), ``tau``.
+    """
+
+    @staticmethod
+    def forward(ctx, s, log_p_t, tau):
+        log_q = torch.log_softmax(s / tau, dim=-1)  # (n, V) tempered student
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - log_q)).sum()
+        # The gradient reuses both matrices: q in place of log_q, p_t as is.
+        ctx.save_for_backward(log_q.exp_(), p_t)
+        ctx.tau = tau
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        q, p_t = ctx.saved_tensors
+        return (q - p_t).mul_(grad_kl / ctx.tau), None, None

@@ -12,20 +12,8 @@
 # tokens per token; its states add 211 GB (103M x 1024 x float16).
 set -euo pipefail
 
-for arg in "$@"; do
-  case "${arg}" in
-    --dry-run) export DRY_RUN=1 ;;
-    *) echo "unknown argument ${arg}; expected --dry-run" >&2; exit 2 ;;
-  esac
-done
-
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=lib/stages.sh
-source "${REPO}/scripts/lib/stages.sh"
-# shellcheck source=lib/pipeline.sh
-source "${REPO}/scripts/lib/pipeline.sh"
-# shellcheck source=lib/gpu.sh
-source "${REPO}/scripts/lib/gpu.sh"
+# shellcheck source=lib/recipe.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/recipe.sh" "$@"
 
 RUN_DIR="${RUN_DIR:-runs/table2}"
 export RUN_DIR

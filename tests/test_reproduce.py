@@ -12,7 +12,8 @@ SHARED_DATA = os.environ.get("WIKITEXT_DIR", os.path.join(os.path.dirname(REPO),
 SCRIPTS = {
     "reproduce_wikitext2.sh": ["prepare_data", "train_student", "train_teacher", "train_mlm_teacher",
                                "dump_datastore", "build_index", "dump_teacher_causal", "dump_teacher_masked",
-                               "sweep_valid", "sweep_test", "report"],
+                               "sweep_valid", "sweep_test", "train_student_kd", "dump_datastore_kd",
+                               "build_index_kd", "sweep_valid_kd", "sweep_test_kd", "report_kd"],
     "reproduce_table1.sh": ["train_student", "train_teacher", "dump_datastore", "dump_teacher_causal",
                             "sweep_valid", "train_student_kd", "dump_datastore_kd", "report_kd"],
     "reproduce_table2.sh": ["train_mlm_teacher", "dump_teacher_masked", "report"],
@@ -22,7 +23,8 @@ SCRIPTS = {
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_dry_run_prints_stages(script, tmp_path):
-    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), NUM_SHARDS="2")
+    # SKIP_KD=0: the WikiText-2 run's KD stages are left out by default.
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), NUM_SHARDS="2", SKIP_KD="0")
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", script), "--dry-run"],
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
@@ -53,6 +55,10 @@ def test_wikitext2_smoke_run(tmp_path):
     systems = [row["system"] for row in report["rows"]]
     assert systems[:2] == ["LM", "kNN-LM"]
     assert "PP-KD (causal + masked)" in systems
+    via_kd = {row["label"]: row for row in report["rows"] if row["training"] == "via KD"}
+    assert sorted(via_kd) == ["knn_lm_kd", "lm_kd"]
+    assert via_kd["knn_lm_kd"]["mu"] == 1.0
+    assert 0.0 <= via_kd["knn_lm_kd"]["p_value_vs_knn_lm"] <= 1.0
     for row in report["rows"]:
         assert row["test_perplexity"] > 1.0
     assert set(report["teachers"]) == {"causal", "masked"}

@@ -42,6 +42,10 @@ def get_parser():
     parser.add_argument("--data", required=True, help="data-bin of the evaluated splits")
     parser.add_argument("--test-split", default="test", help="split of the test cache (default: test)")
     parser.add_argument("--dstore", required=True, help="datastore folder (for the teachers' cross-entropy)")
+    parser.add_argument("--kd-valid-sweep", default=None,
+                        help="validation sweep folder of a student trained with logit distillation over its "
+                             "own datastore; adds the 'via KD' rows (needs --kd-test-cache)")
+    parser.add_argument("--kd-test-cache", default=None, help="test sweep cache folder of that KD student")
     parser.add_argument("--stages", default=None, help="folder of stage records (NAME.json) to report")
     parser.add_argument("--check-summary", action="append", default=[],
                         help="fairseq-eval-lm --ppkd-summary-out JSON to compare with the table (repeatable)")
@@ -86,15 +90,16 @@ def build(args):
     positions = cache.positions
     article_of_token = articles[positions]
 
-    rows = [{"system": "LM", "teachers": [], "temperature": None, "mu": None, "lambda": None,
-             "valid_perplexity": valid["lm_perplexity"], "test_perplexity": results.perplexity(lm)}]
+    rows = [{"system": "LM", "label": "lm", "training": "from scratch", "teachers": [], "temperature": None,
+             "mu": None, "lambda": None, "valid_perplexity": valid["lm_perplexity"],
+             "test_perplexity": results.perplexity(lm)}]
     scores = {}
     for label, point in valid["best"].items():
         _, log_probs = results.score_cache(cache, point["temperature"], point["mu"], point["lambda"],
                                            point["teachers"])
         scores[label] = log_probs
         name = "kNN-LM" if not point["teachers"] else "PP-KD (" + " + ".join(point["teachers"]) + ")"
-        rows.append({"system": name, "label": label, "teachers": point["teachers"],
+        rows.append({"system": name, "label": label, "training": "from scratch", "teachers": point["teachers"],
                      "temperature": point["temperature"], "mu": point["mu"], "lambda": point["lambda"],
                      "valid_perplexity": point["perplexity"], "test_perplexity": results.perplexity(log_probs),
                      "on_grid_edge": bool(point.get("edges"))})
@@ -113,6 +118,9 @@ def build(args):
         logger.warning("only %d articles in the test split: the bootstrap p-values are not meaningful", len(counts))
     knn_row["p_value_vs_lm"] = significance.paired_bootstrap(
         lm_sums, base_sums, counts, samples=args.bootstrap_samples, seed=args.seed)["p_value"]
+
+    if args.kd_valid_sweep:
+        rows += kd_rows(args, positions, article_of_token, base_sums)
 
     store = Datastore.open(args.dstore)
     teachers = {}
@@ -160,6 +168,41 @@ def build(args):
     }
 
 
+def kd_rows(args, positions, article_of_token, knn_sums):
+    """Return the LM and kNN-LM rows of the KD-trained student.
+
+    Its kNN-LM uses its own datastore and its own tuned T and lambda. The p
+    value tests it against the from-scratch kNN-LM on the same test tokens.
+    """
+    from ppkd_fairseq.sweep_cache import SweepCache
+
+    if not args.kd_test_cache:
+        raise SystemExit("--kd-valid-sweep needs --kd-test-cache, the KD student's test sweep cache")
+    with open(os.path.join(args.kd_valid_sweep, "best.json")) as f:
+        valid = json.load(f)
+    cache = SweepCache.open(args.kd_test_cache)
+    if not np.array_equal(cache.positions, positions):
+        raise SystemExit(
+            f"the KD student's test cache {args.kd_test_cache} scored other tokens than {args.test_cache}; "
+            f"sweep both with the same fairseq-eval-lm flags"
+        )
+    lm = results.lm_log_probs(cache)
+    label = next(label for label, p in valid["best"].items() if not p["teachers"])
+    point = valid["best"][label]
+    _, log_probs = results.score_cache(cache, point["temperature"], point["mu"], point["lambda"], [])
+    sums, counts = significance.article_sums(log_probs, article_of_token)
+    test = significance.paired_bootstrap(knn_sums, sums, counts, samples=args.bootstrap_samples, seed=args.seed)
+    return [
+        {"system": "LM", "label": "lm_kd", "training": "via KD", "teachers": [], "temperature": None,
+         "mu": None, "lambda": None, "valid_perplexity": valid["lm_perplexity"],
+         "test_perplexity": results.perplexity(lm)},
+        {"system": "kNN-LM", "label": "knn_lm_kd", "training": "via KD", "teachers": [],
+         "temperature": point["temperature"], "mu": point["mu"], "lambda": point["lambda"],
+         "valid_perplexity": point["perplexity"], "test_perplexity": results.perplexity(log_probs),
+         "on_grid_edge": bool(point.get("edges")), "p_value_vs_knn_lm": test["p_value"]},
+    ]
+
+
 def _fmt(value, digits=2):
     if value is None:
         return ""
@@ -170,10 +213,11 @@ def _fmt(value, digits=2):
 
 def render_markdown(report):
     """Return the Markdown tables of a report."""
-    lines = [f"| system | T | µ | λ | valid ppl | test ppl | p vs kNN-LM |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| system | student | T | µ | λ | valid ppl | test ppl | p vs kNN-LM |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["rows"]:
         p = r.get("p_value_vs_knn_lm")
-        lines.append(f"| {r['system']} | {_fmt(r['temperature'], 3)} | {_fmt(r['mu'], 2)} | {_fmt(r['lambda'], 2)} | "
+        lines.append(f"| {r['system']} | {r.get('training', 'from scratch')} | {_fmt(r['temperature'], 3)} | {_fmt(r['mu'], 2)} | {_fmt(r['lambda'], 2)} | "
                      f"{_fmt(r['valid_perplexity'])} | {_fmt(r['test_perplexity'])} | {_fmt(p, 4) if p is not None else ''} |")
     lines += ["", "| teacher | kind | cross-entropy on training rows (nats) | perplexity | rows sampled |",
               "| --- | --- | ---: | ---: | ---: |"]
@@ -195,9 +239,9 @@ def render_markdown(report):
 
 def render_page(report, command):
     """Return the whole results page: tables, run details and the comparison."""
-    rows = {r["system"]: r for r in report["rows"]}
-    lm = rows["LM"]
-    knn = next(r for r in report["rows"] if r.get("label") == "knn_lm")
+    rows = {r.get("label"): r for r in report["rows"]}
+    lm = rows["lm"]
+    knn = rows["knn_lm"]
     ppkd = [r for r in report["rows"] if r["teachers"]]
     mixed = max(ppkd, key=lambda r: len(r["teachers"])) if ppkd else None
     lines = [
@@ -212,7 +256,9 @@ def render_page(report, command):
         "T, µ and λ were tuned on the validation split (best point of the sweep grid); the test column "
         "scores the test split at those settings. p is a one-sided paired bootstrap over "
         f"{report['bootstrap']['articles']} test articles ({report['bootstrap']['samples']:,} draws, seed "
-        f"{report['bootstrap']['seed']}) that PP-KD is not better than the kNN-LM.",
+        f"{report['bootstrap']['seed']}) that the row is not better than the from-scratch kNN-LM."
+        + (" The 'via KD' student was trained with logit distillation from the causal teacher, and its "
+           "kNN-LM searches a datastore of its own keys." if "knn_lm_kd" in rows else ""),
         "",
         render_markdown(report),
         "## Against the paper",
@@ -234,6 +280,17 @@ def render_page(report, command):
         verdict = "yes" if mixed["test_perplexity"] <= best_single["test_perplexity"] else "no"
         lines.append(f"- The mixed teacher best among the teachers: {verdict} ({mixed['test_perplexity']:.2f} vs "
                      f"{best_single['system']} {best_single['test_perplexity']:.2f}).")
+    knn_kd = rows.get("knn_lm_kd")
+    if knn_kd is not None:
+        lm_kd = rows["lm_kd"]
+        lines.append(f"- The KD-trained student better than the from-scratch one as an LM on test: "
+                     f"{'yes' if lm_kd['test_perplexity'] < lm['test_perplexity'] else 'no'} "
+                     f"({lm_kd['test_perplexity']:.2f} vs {lm['test_perplexity']:.2f}).")
+        for r in ppkd:
+            verdict = "yes" if r["test_perplexity"] < knn_kd["test_perplexity"] else "no"
+            lines.append(f"- {r['system']} with the from-scratch student better than the kNN-LM via KD on "
+                         f"test (the paper's main claim): {verdict} ({r['test_perplexity']:.2f} vs "
+                         f"{knn_kd['test_perplexity']:.2f}).")
     teachers = report["teachers"]
     if "masked" in teachers and "causal" in teachers:
         verdict = "yes" if teachers["masked"]["train_cross_entropy_nats"] < teachers["causal"]["train_cross_entropy_nats"] else "no"

@@ -55,9 +55,9 @@ stage_build_index() {  # stage_build_index [STAGE_NAME]
     "${INDEX_ARGS[@]}"
 }
 
-stage_dump_causal_teacher() {  # stage_dump_causal_teacher TEACHER_NAME MODEL_NAME
-  local name="$1" model="$2"
-  run_stage "dump_teacher_${name}" \
+stage_dump_causal_teacher() {  # stage_dump_causal_teacher TEACHER_NAME MODEL_NAME [STAGE_NAME]
+  local name="$1" model="$2" stage="${3:-dump_teacher_$1}"
+  run_stage "${stage}" \
     shards fairseq-eval-lm "${DATA}" \
     --user-dir "${USER_DIR}" \
     --task ppkd_language_modeling \
@@ -123,11 +123,36 @@ stage_check_test_eval() {  # stage_check_test_eval LABEL STUDENT_NAME: stock fai
     "${EVAL_ARGS[@]}"
 }
 
-stage_report() {  # stage_report TITLE CHECK_LABEL [STAGE_NAME [SUFFIX]]
-  local title="$1" label="$2" stage="${3:-report}" suffix="${4:-}"
-  local checks=()
+stage_kd_student() {  # stage_kd_student CONFIG TEACHER [FAIRSEQ_FLAGS...]: the "via KD" student
+  # Trains CONFIG (a ppkd_distillation configuration) against TEACHER's
+  # states in DSTORE, then builds the student's own datastore and index in
+  # RUN_DIR/datastore-kd and sweeps its kNN-LM into sweep-{valid,test}-kd.
+  # That datastore has no teacher, so its sweep tunes the kNN-LM only.
+  local config="$1" teacher="$2"
+  shift 2
+  run_stage train_student_kd \
+    bash "${REPO}/scripts/train_kd.sh" "${config}" "${DATA}" "${CKPT}/student_kd" "${DSTORE}" "${teacher}" \
+    "${TRAIN_EXTRA[@]}" "$@"
+  local main_dstore="${DSTORE}"
+  DSTORE="${RUN_DIR}/datastore-kd"
+  stage_dump_datastore student_kd dump_datastore_kd
+  stage_build_index build_index_kd
+  stage_sweep valid student_kd sweep_valid_kd "${RUN_DIR}/sweep-valid-kd"
+  stage_sweep test student_kd sweep_test_kd "${RUN_DIR}/sweep-test-kd"
+  DSTORE="${main_dstore}"
+}
+
+stage_report() {  # stage_report TITLE CHECK_LABEL [STAGE_NAME [SUFFIX [KD_SUFFIX]]]
+  # SUFFIX picks sweep-valid${SUFFIX}, sweep-test${SUFFIX} and results${SUFFIX}.
+  # KD_SUFFIX adds the "via KD" rows from sweep-valid${KD_SUFFIX} and
+  # sweep-test${KD_SUFFIX}.
+  local title="$1" label="$2" stage="${3:-report}" suffix="${4:-}" kd_suffix="${5:-}"
+  local checks=() kd=()
   if [[ -f "${RUN_DIR}/check-test-${label}.json" || "${DRY_RUN:-0}" == 1 ]]; then
     checks=(--check-summary "${RUN_DIR}/check-test-${label}.json")
+  fi
+  if [[ -n "${kd_suffix}" ]]; then
+    kd=(--kd-valid-sweep "${RUN_DIR}/sweep-valid${kd_suffix}" --kd-test-cache "${RUN_DIR}/sweep-test${kd_suffix}/cache")
   fi
   run_stage "${stage}" \
     python -m ppkd_fairseq.cli.report \
@@ -137,6 +162,7 @@ stage_report() {  # stage_report TITLE CHECK_LABEL [STAGE_NAME [SUFFIX]]
     --dstore "${DSTORE}" \
     --stages "${RUN_DIR}/stages" \
     "${checks[@]}" \
+    "${kd[@]}" \
     --title "${title}" \
     --command "${REPRO_COMMAND:-}" \
     --out-dir "${RUN_DIR}/results${suffix}"

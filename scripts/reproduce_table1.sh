@@ -44,6 +44,6 @@ stage_report "Table 1: WikiText-103, small student" ppkd-causal
 
 # Conventional KD baseline: the student trained against the same teacher
 # states, then used as an LM and as a kNN-LM over its own datastore.
-stage_kd_student wt103_student_small_kd causal
+stage_kd_student wt103_student_small_kd causal ""
 # The same table with the "via KD" rows added, in the paper's layout.
 stage_report "Table 1: WikiText-103, small student" ppkd-causal report_kd "" -kd

@@ -111,7 +111,7 @@ fi
 # student and teacher, about 5 s here, so the 1500 updates take about two
 # hours, so the full run adds them only with SKIP_KD=0.
 if [[ "${SKIP_KD}" != 1 ]]; then
-  stage_kd_student wt2_cpu_student_kd causal "${ADAPTIVE_EXTRA[@]}"
+  stage_kd_student wt2_cpu_student_kd causal "" "${ADAPTIVE_EXTRA[@]}"
   stage_report "WikiText-2 reproduction (CPU scale)" ppkd-causal+masked report_kd "" -kd
 else
   stage_report "WikiText-2 reproduction (CPU scale)" ppkd-causal+masked

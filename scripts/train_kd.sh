@@ -40,8 +40,9 @@ if [[ ! -f "${config_path}" ]]; then
   config_path="${REPO}/configs/${CONFIG}.yaml"
 fi
 if [[ -f "${config_path}" ]]; then
+  # load_config resolves 'extends', so a configuration's base counts too.
   read -r task criterion < <(python -c \
-    'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); print(c["task"], c.get("criterion"))' \
+    'import sys; from ppkd_fairseq.cli.train import load_config; c = load_config(sys.argv[1]); print(c["task"], c.get("criterion"))' \
     "${config_path}")
   if [[ "${task}" != "${EXPECTED_TASK}" ]]; then
     echo "error: ${CONFIG} has task ${task}, but $0 trains ${EXPECTED_TASK} students" >&2

@@ -17,7 +17,8 @@ SCRIPTS = {
     "reproduce_table1.sh": ["train_student", "train_teacher", "dump_datastore", "dump_teacher_causal",
                             "sweep_valid", "train_student_kd", "dump_datastore_kd", "report_kd"],
     "reproduce_table2.sh": ["train_mlm_teacher", "dump_teacher_masked", "report"],
-    "reproduce_table4.sh": ["train_student_small", "dump_datastore_gpt2small", "report_gpt2small"],
+    "reproduce_table4.sh": ["train_student_small", "dump_datastore_gpt2small", "train_student_kd_small",
+                            "dump_datastore_kd_mid", "sweep_test_kd_gpt2small", "report_gpt2small"],
 }
 
 

@@ -109,6 +109,60 @@ def test_unknown_config_lists_available():
     assert "wt2_cpu_student" in str(excinfo.value.code)
 
 
+def test_extends_merges_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"task": "language_modeling", "arch": "transformer_lm",
+                                    "criterion": "adaptive_loss",
+                                    "args": {"lr": 0.1, "max-update": 5, "fp16": True}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": str(base), "criterion": "ppkd_distillation",
+                                     "args": {"lr": 0.2, "kd-alpha": 0.3, "fp16": None}}))
+
+    config = train.load_config(str(child))
+
+    assert config["task"] == "language_modeling"
+    assert config["arch"] == "transformer_lm"
+    assert config["criterion"] == "ppkd_distillation"
+    assert config["args"] == {"lr": 0.2, "max-update": 5, "fp16": None, "kd-alpha": 0.3}
+    assert "extends" not in config
+    argv = train.config_to_argv(config)
+    assert "--fp16" not in argv
+    assert argv[argv.index("--lr") + 1] == "0.2"
+
+
+def test_extends_cycle_is_rejected(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"extends": str(b), "args": {}}))
+    b.write_text(yaml.safe_dump({"extends": str(a), "args": {}}))
+
+    with pytest.raises(SystemExit) as excinfo:
+        train.load_config(str(a))
+
+    assert "cycle" in str(excinfo.value.code)
+
+
+KD_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith("wt103_student_") and p.endswith("_kd.yaml")]
+
+
+def test_every_wt103_student_has_a_kd_twin():
+    students = {os.path.basename(p)[:-5] for p in CONFIGS
+                if os.path.basename(p).startswith("wt103_student_") and not p.endswith("_kd.yaml")}
+
+    assert {os.path.basename(p)[:-8] for p in KD_CONFIGS} == students
+
+
+@pytest.mark.parametrize("path", KD_CONFIGS, ids=[os.path.basename(p)[:-5] for p in KD_CONFIGS])
+def test_kd_config_is_its_student_plus_the_kd_loss(path):
+    kd = train.load_config(path)
+    student = train.load_config(os.path.basename(path)[: -len("_kd.yaml")])
+
+    assert kd["criterion"] == "ppkd_distillation"
+    assert (kd["task"], kd["arch"]) == (student["task"], student["arch"])
+    kd_args = {k: v for k, v in kd["args"].items() if not k.startswith("kd-")}
+    assert kd_args == student["args"]
+    assert (kd["args"]["kd-alpha"], kd["args"]["kd-temperature"], kd["args"]["kd-teacher"]) == (0.5, 2.0, "causal")
+
+
 def test_dry_run_prints_command(tmp_path, capsys):
     config = write_config(tmp_path, TINY_CAUSAL_LM)
     save_dir = tmp_path / "checkpoints"

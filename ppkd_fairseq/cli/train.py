@@ -7,7 +7,7 @@ Usage::
 
 A configuration is a YAML file with ``task``, ``arch``, ``criterion`` and
 ``args`` (fairseq-train flags without their leading dashes; ``true`` for a
-switch). A rerun resumes from ``SAVE_DIR/checkpoint_last.pt``, which fairseq
+switch), or with ``extends: BASE`` and only what differs from BASE. A rerun resumes from ``SAVE_DIR/checkpoint_last.pt``, which fairseq
 loads by default, and returns at once when training has finished.
 """
 
@@ -25,16 +25,38 @@ logger = logging.getLogger("ppkd_fairseq.train")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
-def load_config(name_or_path):
-    """Load a configuration by name (``configs/NAME.yaml``) or by path."""
+def _config_path(name_or_path):
+    """Return the YAML path of a configuration name (``configs/NAME.yaml``) or path."""
     path = name_or_path
     if not os.path.exists(path):
         path = os.path.join(CONFIG_DIR, name_or_path + ".yaml")
     if not os.path.exists(path):
         available = sorted(n[:-5] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
         raise SystemExit(f"configuration {name_or_path!r} not found; available: {', '.join(available)}")
+    return path
+
+
+def load_config(name_or_path, _seen=()):
+    """Load a configuration by name (``configs/NAME.yaml``) or by path.
+
+    A configuration with ``extends: BASE`` starts from BASE (a name or a
+    path) and overrides it: its ``task``, ``arch`` and ``criterion`` replace
+    BASE's where given, and its ``args`` are merged into BASE's, a ``null``
+    value removing that flag.
+    """
+    path = _config_path(name_or_path)
+    real = os.path.realpath(path)
+    if real in _seen:
+        chain = " -> ".join(list(_seen) + [real])
+        raise SystemExit(f"{path}: 'extends' forms a cycle ({chain}); make one configuration the plain base")
     with open(path) as f:
-        config = yaml.safe_load(f)
+        config = yaml.safe_load(f) or {}
+    base_name = config.pop("extends", None)
+    if base_name is not None:
+        base = load_config(base_name, _seen + (real,))
+        args = dict(base["args"])
+        args.update(config.get("args") or {})
+        config = {**base, **config, "args": args}
     for field in ("task", "arch", "args"):
         if field not in config:
             raise SystemExit(f"{path}: missing field {field!r}")

@@ -123,22 +123,25 @@ stage_check_test_eval() {  # stage_check_test_eval LABEL STUDENT_NAME: stock fai
     "${EVAL_ARGS[@]}"
 }
 
-stage_kd_student() {  # stage_kd_student CONFIG TEACHER [FAIRSEQ_FLAGS...]: the "via KD" student
+stage_kd_student() {  # stage_kd_student CONFIG TEACHER TAG [FAIRSEQ_FLAGS...]: the "via KD" student
   # Trains CONFIG (a ppkd_distillation configuration) against TEACHER's
-  # states in DSTORE, then builds the student's own datastore and index in
-  # RUN_DIR/datastore-kd and sweeps its kNN-LM into sweep-{valid,test}-kd.
-  # That datastore has no teacher, so its sweep tunes the kNN-LM only.
-  local config="$1" teacher="$2"
-  shift 2
-  run_stage train_student_kd \
-    bash "${REPO}/scripts/train_kd.sh" "${config}" "${DATA}" "${CKPT}/student_kd" "${DSTORE}" "${teacher}" \
+  # states in DSTORE into CKPT/student_kd${TAG}, then builds the student's
+  # own datastore and index in RUN_DIR/datastore-kd${TAG} and sweeps its
+  # kNN-LM into sweep-{valid,test}-kd${TAG}. TAG keeps several KD students
+  # of one run apart (for example "-small", or "" for a single one). That
+  # datastore has no teacher, so its sweep tunes the kNN-LM only.
+  local config="$1" teacher="$2" tag="$3"
+  shift 3
+  local name="student_kd${tag//-/_}"
+  run_stage "train_${name}" \
+    bash "${REPO}/scripts/train_kd.sh" "${config}" "${DATA}" "${CKPT}/${name}" "${DSTORE}" "${teacher}" \
     "${TRAIN_EXTRA[@]}" "$@"
   local main_dstore="${DSTORE}"
-  DSTORE="${RUN_DIR}/datastore-kd"
-  stage_dump_datastore student_kd dump_datastore_kd
-  stage_build_index build_index_kd
-  stage_sweep valid student_kd sweep_valid_kd "${RUN_DIR}/sweep-valid-kd"
-  stage_sweep test student_kd sweep_test_kd "${RUN_DIR}/sweep-test-kd"
+  DSTORE="${RUN_DIR}/datastore-kd${tag}"
+  stage_dump_datastore "${name}" "dump_datastore_kd${tag//-/_}"
+  stage_build_index "build_index_kd${tag//-/_}"
+  stage_sweep valid "${name}" "sweep_valid_kd${tag//-/_}" "${RUN_DIR}/sweep-valid-kd${tag}"
+  stage_sweep test "${name}" "sweep_test_kd${tag//-/_}" "${RUN_DIR}/sweep-test-kd${tag}"
   DSTORE="${main_dstore}"
 }
 

@@ -60,11 +60,16 @@ class Grid:
         self.lambdas = sorted(set(float(x) for x in self.lambdas))
         if not self.temperatures or not self.mus or not self.lambdas:
             raise ValueError(f"every axis of the grid needs at least one value, got {self}")
+        for option, values in (("--temperatures", self.temperatures), ("--mus", self.mus),
+                               ("--lambdas", self.lambdas)):
+            bad = [v for v in values if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"{option}: values must be finite numbers, got {bad[0]}")
         if self.temperatures[0] <= 0:
-            raise ValueError(f"temperatures must be > 0, got {self.temperatures[0]}")
-        for name, values in (("mu", self.mus), ("lambda", self.lambdas)):
+            raise ValueError(f"--temperatures: values must be > 0, got {self.temperatures[0]}")
+        for option, values in (("--mus", self.mus), ("--lambdas", self.lambdas)):
             if values[0] < 0 or values[-1] > 1:
-                raise ValueError(f"{name} values must be in [0, 1], got {values[0]} .. {values[-1]}")
+                raise ValueError(f"{option}: values must be in [0, 1], got {values[0]} .. {values[-1]}")
 
     @property
     def size(self):

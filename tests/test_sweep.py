@@ -7,6 +7,7 @@ the student's keys over the train split, with two teachers: the
 adaptive-softmax model (``causal``) and the student itself (``self``).
 """
 
+import argparse
 import csv
 import json
 import math
@@ -422,3 +423,29 @@ def test_sweep_rejects_reserved_eval_flags(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="--ppkd-k"):
         sweep_cli.run([tiny_data, "--path", "x.pt", "--dstore", "d", "--out-dir", str(tmp_path), "--",
                        "--ppkd-k", "8"])
+
+
+@pytest.mark.parametrize("text", ["nan,5", "inf", "0:nan:0.1"])
+def test_parse_values_rejects_non_finite(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+        sweep_cli.parse_values(text)
+
+
+def test_grid_names_option_of_bad_value():
+    with pytest.raises(ValueError, match="--lambdas"):
+        sweep.Grid([10.0], [0.5], [0.2, 1.5])
+    with pytest.raises(ValueError, match="--mus"):
+        sweep.Grid([10.0], [float("nan")], [0.5])
+
+
+@pytest.mark.parametrize("flag", ["--k", "--probe"])
+def test_sweep_rejects_zero_search_sizes(flag, tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match=f"{flag} must be >= 1, got 0"):
+        sweep_cli.run([tiny_data, "--path", "x.pt", "--dstore", "d", "--out-dir", str(tmp_path), flag, "0"])
+
+
+def test_sweep_rejects_k_above_datastore_rows(tiny_data, tiny_models, datastore, tmp_path):
+    with pytest.raises(SystemExit, match="lower --k"):
+        sweep_cli.run(sweep_argv(tiny_data, tiny_models["student"], datastore, tmp_path, "--k", "10000000"))
+
+    assert not os.path.exists(tmp_path / "cache")

@@ -78,13 +78,65 @@ def test_articles(data, split):
     return significance.article_ids_from_lines(np.array(is_title), np.array(lengths))
 
 
+def load_best(sweep_dir, option):
+    """Return a validation sweep's best.json, or exit naming the option and the sweep command."""
+    path = os.path.join(sweep_dir, "best.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {option} {sweep_dir}: no best.json there; run the validation sweep first "
+                         f"(python -m ppkd_fairseq.cli.sweep ... --split valid --out-dir {sweep_dir})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_test_cache(folder, option):
+    """Return the test split's :class:`SweepCache`, or exit naming the option and the sweep command."""
+    from ppkd_fairseq.sweep_cache import SweepCache, read_manifest
+
+    if read_manifest(folder) is None:
+        raise SystemExit(f"error: {option} {folder}: no sweep cache there; run the test sweep first "
+                         f"(python -m ppkd_fairseq.cli.sweep ... --split test), whose cache is OUT_DIR/cache")
+    return SweepCache.open(folder)
+
+
+def check_same_student(valid, valid_option, cache, cache_option, datastore_id=None):
+    """Exit unless the validation sweep, the test cache and the datastore come from one student and datastore.
+
+    Args:
+        valid: the validation sweep's best.json content.
+        cache: the test :class:`SweepCache`.
+        datastore_id: the ``--dstore`` datastore's id, or None to skip that check.
+    """
+    from ppkd_fairseq.sweep_cache import read_manifest
+
+    test = cache.manifest["datastore"]
+    if datastore_id is not None and test["datastore_id"] != datastore_id:
+        raise SystemExit(f"error: {cache_option} {cache.folder} searched datastore {test['datastore_id']} "
+                         f"({test['folder']}), not the --dstore one ({datastore_id}); pass the datastore "
+                         f"the sweeps used")
+    valid_folder = valid.get("cache", {}).get("folder")
+    valid_manifest = read_manifest(valid_folder) if valid_folder else None
+    if valid_manifest is None:
+        logger.warning("the validation sweep's cache %s is gone, so its student and datastore are not compared "
+                       "with the test cache's", valid_folder)
+        return
+    for field in ("datastore_id", "student_fingerprint"):
+        if valid_manifest["datastore"][field] != test[field]:
+            raise SystemExit(
+                f"error: {valid_option} and {cache_option} come from different runs: their caches differ in "
+                f"{field} ({valid_manifest['datastore'][field]} in {valid_folder}, {test[field]} in "
+                f"{cache.folder}); pass the validation and test sweeps of one student and datastore"
+            )
+
+
 def build(args):
     from ppkd_fairseq.datastore import Datastore
-    from ppkd_fairseq.sweep_cache import SweepCache
 
-    with open(os.path.join(args.valid_sweep, "best.json")) as f:
-        valid = json.load(f)
-    cache = SweepCache.open(args.test_cache)
+    valid = load_best(args.valid_sweep, "--valid-sweep")
+    cache = open_test_cache(args.test_cache, "--test-cache")
+    if args.kd_valid_sweep and not args.kd_test_cache:
+        raise SystemExit("error: --kd-valid-sweep needs --kd-test-cache, the KD student's test sweep cache")
+    store = Datastore.open(args.dstore)
+    check_same_student(valid, "--valid-sweep", cache, "--test-cache", store.manifest["datastore_id"])
     articles = test_articles(args.data, args.test_split)
     lm = results.lm_log_probs(cache)
     positions = cache.positions
@@ -122,7 +174,6 @@ def build(args):
     if args.kd_valid_sweep:
         rows += kd_rows(args, positions, article_of_token, base_sums)
 
-    store = Datastore.open(args.dstore)
     teachers = {}
     every_row = np.arange(store.num_rows, dtype=np.int64)
     if 0 < args.teacher_rows < store.num_rows:
@@ -174,13 +225,9 @@ def kd_rows(args, positions, article_of_token, knn_sums):
     Its kNN-LM uses its own datastore and its own tuned T and lambda. The p
     value tests it against the from-scratch kNN-LM on the same test tokens.
     """
-    from ppkd_fairseq.sweep_cache import SweepCache
-
-    if not args.kd_test_cache:
-        raise SystemExit("--kd-valid-sweep needs --kd-test-cache, the KD student's test sweep cache")
-    with open(os.path.join(args.kd_valid_sweep, "best.json")) as f:
-        valid = json.load(f)
-    cache = SweepCache.open(args.kd_test_cache)
+    valid = load_best(args.kd_valid_sweep, "--kd-valid-sweep")
+    cache = open_test_cache(args.kd_test_cache, "--kd-test-cache")
+    check_same_student(valid, "--kd-valid-sweep", cache, "--kd-test-cache")
     if not np.array_equal(cache.positions, positions):
         raise SystemExit(
             f"the KD student's test cache {args.kd_test_cache} scored other tokens than {args.test_cache}; "

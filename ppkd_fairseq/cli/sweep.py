@@ -20,9 +20,9 @@ own-row exclusion, teachers and these flags are unchanged.
 """
 
 import argparse
-import collections
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -57,7 +57,12 @@ def parse_values(text):
         parts = text.split(":")
         if len(parts) != 3:
             raise argparse.ArgumentTypeError(f"expected START:STOP:STEP, got {text!r}")
-        start, stop, step = (float(p) for p in parts)
+        try:
+            start, stop, step = (float(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected START:STOP:STEP with numbers, got {text!r}")
+        if not all(math.isfinite(v) for v in (start, stop, step)):
+            raise argparse.ArgumentTypeError(f"expected finite START:STOP:STEP, got {text!r}")
         if not step > 0 or stop < start:
             raise argparse.ArgumentTypeError(f"need STEP > 0 and STOP >= START, got {text!r}")
         count = int(round((stop - start) / step)) + 1
@@ -65,9 +70,13 @@ def parse_values(text):
         # value printed in a command is the value evaluated.
         return [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + step * 1e-9]
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers or START:STOP:STEP, got {text!r}")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {bad[0]} in {text!r}")
+    return values
 
 
 def _join(values):
@@ -239,17 +248,17 @@ def test_command(args, point, eval_flags, summary_out):
 
 
 def run_cache_pass(command):
-    """Run the cache pass, echoing its output to stderr; raise with the output's tail on failure."""
+    """Run the cache pass, echoing its output to stderr; exit with an error line on failure."""
     logger.info("cache pass: %s", " ".join(command))
-    tail = collections.deque(maxlen=60)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         sys.stderr.write(line)
-        tail.append(line)
     returncode = process.wait()
     if returncode != 0:
-        raise RuntimeError(
-            f"the cache pass failed with exit status {returncode}:\n{' '.join(command)}\n{''.join(tail)}"
+        # The pass's own messages were streamed to stderr above.
+        raise SystemExit(
+            f"error: the cache pass failed with exit status {returncode}; its messages are above. "
+            f"Command: {' '.join(command)}"
         )
 
 
@@ -364,6 +373,9 @@ def write_outputs(args, result, eval_flags):
 def sweep(args, eval_flags):
     """Run the cache pass (or reuse it) and the grid; write the outputs and return best.json's content."""
     datastore = Datastore.open(args.dstore)
+    if args.k > datastore.num_rows:
+        raise SystemExit(f"error: --k {args.k} is more than the {datastore.num_rows} rows of {args.dstore}; "
+                         f"lower --k")
     teachers = select_teachers(args, datastore)
     started = time.time()
     cache, reused = prepare_cache(args, teachers, eval_flags, datastore)
@@ -413,6 +425,10 @@ def run(argv):
     check_eval_flags(eval_flags)
     if args.chunk_tokens < 1:
         raise SystemExit(f"error: --chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    if args.k < 1:
+        raise SystemExit(f"error: --k must be >= 1, got {args.k}")
+    if args.probe < 1:
+        raise SystemExit(f"error: --probe must be >= 1, got {args.probe}")
     try:
         Grid(args.temperatures, args.mus, args.lambdas)
     except ValueError as error:

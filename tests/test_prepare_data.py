@@ -227,6 +227,39 @@ def test_corrupted_token_file_rejected(tmp_path, tiny_sha1):
     assert not (destdir / "dict.txt").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_xz_rejected_cleanly(tmp_path, tiny_sha1, damage):
+    source = tmp_path / "source"
+    write_token_files(str(source), TINY_WIKITEXT, compress=True)
+    damaged = source / "wiki.valid.tokens.xz"
+    data = bytearray(damaged.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    destdir = tmp_path / "data-bin"
+
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_data.main(["wikitext-2", "--source", str(source), "--destdir", str(destdir)])
+
+    message = str(excinfo.value.code)
+    assert str(damaged) in message
+    assert "truncated or corrupted" in message
+    assert not (destdir / "raw" / "wiki.valid.tokens.tmp").exists()
+    assert not (destdir / "raw" / "wiki.valid.tokens").exists()
+
+
+def test_non_archive_source_rejected(tmp_path, tiny_sha1):
+    source = tmp_path / "notes.txt"
+    source.write_text("not an archive\n")
+
+    with pytest.raises(SystemExit) as excinfo:
+        prepare_data.main(["wikitext-2", "--source", str(source), "--destdir", str(tmp_path / "data-bin")])
+
+    assert "not a zip or tar archive" in str(excinfo.value.code)
+
+
 def test_corrupted_raw_copy_fetched_again(tmp_path, tiny_sha1):
     source = tmp_path / "source"
     write_token_files(str(source), TINY_WIKITEXT)

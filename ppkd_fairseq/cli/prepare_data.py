@@ -107,10 +107,10 @@ def main(argv=None):
             paths = wikitext.fetch_token_files(
                 args.corpus, rawdir, source=args.source, splits=splits, download=not args.no_download
             )
-        except (wikitext.ChecksumError, RuntimeError, FileNotFoundError) as err:
-            # A mismatch, a failed download or a missing source is a user
-            # error, so it ends with its message (which names the fix)
-            # instead of a traceback.
+        except (wikitext.ChecksumError, RuntimeError, FileNotFoundError, ValueError) as err:
+            # A mismatch, a damaged file, a failed download or a missing or
+            # unusable source is a user error, so it ends with its message
+            # (which names the fix) instead of a traceback.
             raise SystemExit(f"error: {err}")
     paths = {s: p for s, p in paths.items() if s in splits}
     if args.max_lines is not None:

@@ -12,9 +12,11 @@ import logging
 import lzma
 import os
 import shutil
+import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +87,38 @@ def _candidates(source, corpus, split):
             yield os.path.join(folder, name + suffix)
 
 
-def _copy_decompressed(src, dst):
+class DamagedSourceError(RuntimeError):
+    """A compressed token file or archive that cannot be read to its end."""
+
+
+# What the standard library raises on a truncated or corrupted .xz, zip or tar.
+_READ_ERRORS = (EOFError, lzma.LZMAError, zlib.error, zipfile.BadZipFile, tarfile.TarError, OSError)
+
+
+def _copy_to(open_source, origin, dst):
+    """Copy the stream ``open_source()`` to ``dst`` through ``dst.tmp``.
+
+    A read error removes the partial ``dst.tmp`` and raises
+    :class:`DamagedSourceError` naming ``origin``, so nothing half-written is
+    left behind.
+    """
     tmp = dst + ".tmp"
-    opener = lzma.open if src.endswith(".xz") else open
-    with opener(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
+    try:
+        with open_source() as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except _READ_ERRORS as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DamagedSourceError(
+            f"{origin}: cannot be read to its end ({type(err).__name__}: {err}); the file is truncated or "
+            f"corrupted, so copy or download it again"
+        ) from err
     os.replace(tmp, dst)
+
+
+def _copy_decompressed(src, dst):
+    opener = lzma.open if src.endswith(".xz") else open
+    _copy_to(lambda: opener(src, "rb"), src, dst)
 
 
 def _extract_from_archive(archive, corpus, split, dst):
@@ -100,23 +128,19 @@ def _extract_from_archive(archive, corpus, split, dst):
             members = [m for m in zf.namelist() if os.path.basename(m) == name]
             if not members:
                 return False
-            tmp = dst + ".tmp"
-            with zf.open(members[0]) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-            os.replace(tmp, dst)
+            _copy_to(lambda: zf.open(members[0]), f"{archive}:{members[0]}", dst)
             return True
-    import tarfile
-
     if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            members = [m for m in tf.getmembers() if os.path.basename(m.name) == name]
-            if not members:
-                return False
-            tmp = dst + ".tmp"
-            with tf.extractfile(members[0]) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-            os.replace(tmp, dst)
-            return True
+        try:
+            with tarfile.open(archive) as tf:
+                members = [m for m in tf.getmembers() if os.path.basename(m.name) == name]
+                if not members:
+                    return False
+                _copy_to(lambda: tf.extractfile(members[0]), f"{archive}:{members[0].name}", dst)
+        except _READ_ERRORS as err:
+            raise DamagedSourceError(f"{archive}: cannot be read ({type(err).__name__}: {err}); the archive is "
+                                     f"truncated or corrupted, so download it again") from err
+        return True
     raise ValueError(f"{archive}: not a zip or tar archive; pass the folder or the official archive")
 
 

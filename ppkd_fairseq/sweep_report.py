@@ -126,8 +126,18 @@ def format_command(argv):
 def write_commands(path, commands, header):
     """Write a bash script that runs ``commands`` (lists of arguments) in order."""
     text = ["#!/usr/bin/env bash", *[f"# {line}" for line in header], "set -euo pipefail", ""]
+    summaries = []
     for label, argv in commands:
-        text += [f"# {label}", format_command(argv), ""]
+        text += [f"# {label}", f"echo {shlex.quote('== ' + label)}", format_command(argv), ""]
+        if "--ppkd-summary-out" in argv:
+            summaries.append((label.split(":")[0], argv[argv.index("--ppkd-summary-out") + 1]))
+    if summaries:
+        # One line per command at the end, since fairseq-eval-lm's own logs are long.
+        text.append('echo "== perplexities"')
+        for name, summary in summaries:
+            text.append(f"python -c 'import json, sys; print(sys.argv[1], json.load(open(sys.argv[2]))[\"perplexity\"])' "
+                        f"{shlex.quote(name)} {shlex.quote(summary)}")
+        text.append("")
     tmp = _temporary_path(path)
     try:
         with open(tmp, "w") as f:

@@ -13,9 +13,11 @@
 #   DATA      data-bin (default: RUN_DIR/data-bin)
 #   STUDENT   student checkpoint (default: RUN_DIR/checkpoints/student/checkpoint_last.pt)
 #   DSTORE    datastore with index and teachers (default: RUN_DIR/datastore)
-#   OUT_DIR   sweep outputs and cache (default: RUN_DIR/sweep)
 #   SPLIT     split to sweep on (default: valid)
+#   OUT_DIR   sweep outputs and cache (default: RUN_DIR/sweep-SPLIT)
 #   K         neighbours per token (default: 1024)
+#   PROBE     IVF lists probed (default: 8, the full WikiText-2 run's 8 of
+#             its 1024 lists; the paper probes 32 of 4096)
 #   TEACHERS  comma-separated teachers (default: every teacher in DSTORE)
 #   EVAL_FLAGS  fairseq-eval-lm flags separated by spaces, in place of EVAL_ARGS below
 # A rerun with the same inputs reuses OUT_DIR/cache and only redoes the grid.
@@ -26,9 +28,10 @@ RUN_DIR="${RUN_DIR:-runs/wikitext2}"
 DATA="${DATA:-${RUN_DIR}/data-bin}"
 STUDENT="${STUDENT:-${RUN_DIR}/checkpoints/student/checkpoint_last.pt}"
 DSTORE="${DSTORE:-${RUN_DIR}/datastore}"
-OUT_DIR="${OUT_DIR:-${RUN_DIR}/sweep}"
 SPLIT="${SPLIT:-valid}"
+OUT_DIR="${OUT_DIR:-${RUN_DIR}/sweep-${SPLIT}}"
 K="${K:-1024}"
+PROBE="${PROBE:-8}"
 TEACHERS="${TEACHERS:-}"
 # fairseq-eval-lm flags of the cache pass, copied into the test commands.
 # Every evaluated token gets at least 128 tokens of left context.
@@ -57,6 +60,7 @@ python -m ppkd_fairseq.cli.sweep "${DATA}" \
   --out-dir "${OUT_DIR}" \
   --split "${SPLIT}" \
   --k "${K}" \
+  --probe "${PROBE}" \
   "${TEACHER_ARGS[@]}" \
   "$@" \
   -- \

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import eval_lm, reported_perplexity, run
-from ppkd_fairseq import sweep
+from ppkd_fairseq import sweep, sweep_report
 from ppkd_fairseq.cli import sweep as sweep_cli
 from ppkd_fairseq.sweep_cache import SweepCache, cache_mismatches
 
@@ -449,3 +449,21 @@ def test_sweep_rejects_k_above_datastore_rows(tiny_data, tiny_models, datastore,
         sweep_cli.run(sweep_argv(tiny_data, tiny_models["student"], datastore, tmp_path, "--k", "10000000"))
 
     assert not os.path.exists(tmp_path / "cache")
+
+
+def test_test_commands_print_labels_and_perplexities(tmp_path):
+    commands = []
+    for label, ppl in (("knn_lm", 12.5), ("ppkd-causal", 11.25)):
+        summary = tmp_path / f"{label}.json"
+        summary.write_text(json.dumps({"perplexity": ppl}))
+        commands.append((f"{label}: perplexity 1.0 on valid", ["true", "--ppkd-summary-out", str(summary)]))
+    script = tmp_path / "test_commands.sh"
+
+    sweep_report.write_commands(str(script), commands, ["header"])
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                            env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "== knn_lm: perplexity 1.0 on valid"
+    assert lines[-3:] == ["== perplexities", "knn_lm 12.5", "ppkd-causal 11.25"]

@@ -34,6 +34,9 @@ logger = logging.getLogger("ppkd_fairseq.report")
 # student (4 layers, 384 wide).
 PAPER_TABLE1 = {"LM": 35.24, "kNN-LM": 28.50, "PP-KD (large causal teacher)": 25.74}
 
+# Below this many test articles the report flags its bootstrap p values as not meaningful.
+MIN_ARTICLES = 10
+
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -166,7 +169,7 @@ def build(args):
             row["articles"] = test["articles"]
     lm_sums, _ = significance.article_sums(lm, article_of_token)
     knn_row = next(r for r in rows if r.get("label") == knn_label)
-    if len(counts) < 10:
+    if len(counts) < MIN_ARTICLES:
         logger.warning("only %d articles in the test split: the bootstrap p-values are not meaningful", len(counts))
     knn_row["p_value_vs_lm"] = significance.paired_bootstrap(
         lm_sums, base_sums, counts, samples=args.bootstrap_samples, seed=args.seed)["p_value"]
@@ -305,7 +308,9 @@ def render_page(report, command):
         f"{report['bootstrap']['articles']} test articles ({report['bootstrap']['samples']:,} draws, seed "
         f"{report['bootstrap']['seed']}) that the row is not better than the from-scratch kNN-LM."
         + (" The 'via KD' student was trained with logit distillation from the causal teacher, and its "
-           "kNN-LM searches a datastore of its own keys." if "knn_lm_kd" in rows else ""),
+           "kNN-LM searches a datastore of its own keys." if "knn_lm_kd" in rows else "")
+        + (f" With only {report['bootstrap']['articles']} articles the p values are not meaningful."
+           if report["bootstrap"]["articles"] < MIN_ARTICLES else ""),
         "",
         render_markdown(report),
         "## Against the paper",

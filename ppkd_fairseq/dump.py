@@ -105,6 +105,7 @@ class DatastoreWriter:
             "keys": npy_spec(self.folder, "keys.npy"),
             "values": npy_spec(self.folder, "values.npy"),
             "key_sample_sha256": mf.key_sample_fingerprint(keys),
+            "value_sample_sha256": mf.value_sample_fingerprint(self.writer.arrays["values"]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dump_seconds": round(time.time() - self.started, 1),
             **self.metadata,
@@ -133,6 +134,27 @@ def _remove_dependents(folder):
                 os.remove(path)
 
 
+def check_teacher_absent(datastore, name):
+    """Raise ``FileExistsError`` when ``datastore`` already contains a finished teacher ``name``.
+
+    An interrupted dump of that name (status ``incomplete``) may be resumed or
+    replaced, like an interrupted datastore dump.
+    """
+    folder = os.path.join(datastore.folder, "teachers", name)
+    path = os.path.join(folder, TEACHER_MANIFEST)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        status = json.load(f).get("status")
+    if status == mf.COMPLETE:
+        raise FileExistsError(
+            f"finished teacher {name!r} already exists in {folder}. To replace it, pass --ppkd-overwrite to "
+            f"fairseq-eval-lm --ppkd-mode dump_teacher or --overwrite to add-masked-teacher, or remove it first "
+            f"with: python -m ppkd_fairseq.cli.datastore remove-teacher {datastore.folder} --name {name}. "
+            f"Otherwise choose another teacher name."
+        )
+
+
 class TeacherWriter:
     """Write one teacher's states U and log-normalizers for a datastore.
 
@@ -144,12 +166,16 @@ class TeacherWriter:
         state_dtype: storage dtype of the states (float16 by default).
         dictionary: the teacher's dictionary fingerprint, which must equal
             the datastore's.
+        overwrite: replace a finished teacher of the same name. Without it,
+            such a teacher raises ``FileExistsError`` and stays as it is.
     """
 
     def __init__(self, datastore, name, head, metadata, dictionary, state_dtype="float16",
-                 shard_id=0, num_shards=1):
+                 shard_id=0, num_shards=1, overwrite=False):
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"invalid teacher name {name!r}; use a plain folder name like 'causal'")
+        if not overwrite:
+            check_teacher_absent(datastore, name)
         mf.check_equal(
             f"teacher {name!r}", "dictionary", datastore.manifest["dictionary"], dictionary,
             "Teachers must use the student's dictionary: train or binarize the teacher with "

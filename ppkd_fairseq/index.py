@@ -30,6 +30,7 @@ from .manifest import (
     INCOMPLETE,
     DatastoreMismatchError,
     check_equal,
+    chmod_default,
     key_sample_fingerprint,
     open_array,
     read_json,
@@ -68,7 +69,12 @@ READ_CHUNK = 65_536
 # limit, so they get float16 tables too.
 GPU_FLOAT16_LUT_ENTRIES = 16384
 
-REBUILD_FIX = "Rebuild the index with: python -m ppkd_fairseq.cli.build_index {dir}"
+REBUILD_FIX = "Rebuild the index with: python -m ppkd_fairseq.cli.build_index {dir} --overwrite"
+DUMP_FIX = (
+    "Finish or rerun the datastore dump before building or loading its index: fairseq-eval-lm DATA "
+    "--user-dir ppkd_fairseq --task ppkd_language_modeling --path STUDENT_CHECKPOINT --gen-subset SPLIT "
+    "... --ppkd-mode dump --ppkd-dstore {dir}"
+)
 
 
 class GpuUnavailableError(RuntimeError):
@@ -234,7 +240,7 @@ def read_datastore_manifest(datastore_dir):
     return read_json(
         os.path.join(datastore_dir, DATASTORE_MANIFEST),
         "datastore manifest",
-        "Finish or rerun the datastore dump (ppkd-datastore) before building or loading its index.",
+        DUMP_FIX.format(dir=datastore_dir) + ".",
     )
 
 
@@ -299,8 +305,7 @@ def build_index(
     Returns:
         The metadata written to ``index/index.json``.
     """
-    assert add_batch >= 1, f"add_batch must be at least 1, got {add_batch}"
-    assert train_size >= 1, f"train_size must be at least 1, got {train_size}"
+    check_batch_sizes(train_size, add_batch)
     if use_gpu:
         _require_gpu()
     manifest = read_datastore_manifest(datastore_dir)
@@ -374,6 +379,13 @@ def build_index(
     return metadata
 
 
+def check_batch_sizes(train_size, add_batch):
+    """Raise ``ValueError`` naming the option when ``train_size`` or ``add_batch`` is below 1."""
+    for name, option, value in (("train_size", "--train-size", train_size), ("add_batch", "--add-batch", add_batch)):
+        if value < 1:
+            raise ValueError(f"{name} ({option}) must be an integer of at least 1, got {value}")
+
+
 def read_training_sample(keys, train_size, seed):
     """Return up to ``train_size`` random rows of ``keys`` as float32, in row order.
 
@@ -436,10 +448,15 @@ def load_index(datastore_dir, manifest=None, nprobe=32, use_gpu=False, mmap=Fals
         flags = faiss.IO_FLAG_MMAP
     else:
         flags = 0
-    index = faiss.read_index(path, flags)
-
     what = f"FAISS index {path}"
     fix = REBUILD_FIX.format(dir=datastore_dir)
+    try:
+        index = faiss.read_index(path, flags)
+    except RuntimeError as err:
+        # faiss raises RuntimeError for a truncated or corrupt file, and its
+        # message names no fix.
+        raise DatastoreMismatchError(f"{what}: faiss cannot read the file, which is truncated or corrupt "
+                                     f"({str(err).strip()}). {fix}") from err
     check_equal(what, "ntotal (indexed keys)", manifest["num_rows"], int(index.ntotal), fix)
     check_equal(what, "d (key dimension)", manifest["key_dim"], int(index.d), fix)
 
@@ -552,7 +569,7 @@ def _open_keys(datastore_dir, manifest):
     """Open the (N, d) key memmap and check it against the manifest."""
     keys = open_array(datastore_dir, manifest["keys"], what="datastore keys")
     where = f"datastore keys in {datastore_dir}"
-    fix = "The manifest does not describe these keys; rerun the datastore dump."
+    fix = "The manifest does not describe these keys. " + DUMP_FIX.format(dir=datastore_dir) + " --ppkd-overwrite."
     check_equal(where, "shape", [manifest["num_rows"], manifest["key_dim"]], list(keys.shape), fix)
     check_equal(where, "key_sample_sha256", manifest["key_sample_sha256"], key_sample_fingerprint(keys), fix)
     if keys.dtype not in (np.float16, np.float32):
@@ -680,6 +697,7 @@ def _write_index_atomic(index, path):
     os.close(fd)
     try:
         faiss.write_index(index, tmp)
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

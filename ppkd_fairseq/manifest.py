@@ -36,14 +36,23 @@ def write_json_atomic(path, obj):
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def chmod_default(path):
+    """Set the mode of ``path`` to 0666 minus the umask, the mode ``open()`` gives a new file.
+
+    ``tempfile.mkstemp`` creates 0600 files, so files written through it need
+    this before the rename, or they stay unreadable to other users.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_json(path, what, fix):
@@ -159,14 +168,34 @@ def check_equal(what, field, expected, actual, fix):
         )
 
 
+def _sample_rows(num_rows, num_samples):
+    """Return up to ``num_samples`` evenly spaced row ids in [0, num_rows), first and last included."""
+    return np.unique(np.linspace(0, num_rows - 1, num=min(num_rows, num_samples)).astype(np.int64))
+
+
 def key_sample_fingerprint(keys, num_samples=4096):
     """Hash an evenly spaced sample of key rows plus the row count.
 
     Hashing every key of a datastore of hundreds of GB takes too long at each
     load; a strided sample still tells apart keys from another dump.
     """
-    n = keys.shape[0]
-    rows = np.unique(np.linspace(0, n - 1, num=min(n, num_samples)).astype(np.int64))
+    rows = _sample_rows(keys.shape[0], num_samples)
     digest = hashlib.sha256(str(tuple(keys.shape)).encode("utf-8"))
     digest.update(np.ascontiguousarray(keys[rows]).tobytes())
+    return digest.hexdigest()
+
+
+def value_sample_fingerprint(values, num_samples=4096):
+    """Hash an evenly spaced sample of values (token ids) plus the row count.
+
+    ``values`` is (N,) or (N, 1) of any integer dtype. The sampled ids are
+    hashed as int64, so the hash does not depend on the storage dtype. Like
+    :func:`key_sample_fingerprint` it reads ``num_samples`` rows at most,
+    which is enough to detect shuffled values or another split's values. A
+    change confined to rows between the samples goes unnoticed.
+    """
+    values = values.reshape(-1)
+    rows = _sample_rows(values.shape[0], num_samples)
+    digest = hashlib.sha256(str(tuple(values.shape)).encode("utf-8"))
+    digest.update(np.asarray(values[rows], dtype=np.int64).tobytes())
     return digest.hexdigest()

@@ -106,6 +106,8 @@ def main(argv=None):
         "ondisk": args.ondisk,
     }
     try:
+        # Before the up-to-date check, which would report an invalid size as a changed option.
+        faiss_index.check_batch_sizes(args.train_size, args.add_batch)
         manifest = faiss_index.read_datastore_manifest(args.dstore_dir)
         if not args.overwrite and _is_up_to_date(args.dstore_dir, manifest, request):
             return

@@ -109,10 +109,12 @@ def cmd_add_masked_teacher(args):
 
     from ppkd_fairseq import manifest as mf
     from ppkd_fairseq.datastore import Datastore
-    from ppkd_fairseq.dump import TeacherWriter
+    from ppkd_fairseq.dump import TeacherWriter, check_teacher_absent
     from ppkd_fairseq.masked_teacher import dump_masked_states, forward_passes_per_token, masked_teacher_head
 
     store = Datastore.open(args.dstore)
+    if not args.overwrite:
+        check_teacher_absent(store, args.name)  # before the checkpoint and the split are read
     vocab = store.manifest["dictionary"]["size"]
     model, task = _load_checkpoint(args.checkpoint, args.data, args.cpu)
     if not hasattr(model, "encoder") or not hasattr(model.encoder, "lm_head"):
@@ -141,7 +143,7 @@ def cmd_add_masked_teacher(args):
                     "window": args.window, "context": args.context},
     }
     writer = TeacherWriter(store, args.name, head, metadata, fingerprint,
-                           shard_id=args.shard_id, num_shards=args.num_shards)
+                           shard_id=args.shard_id, num_shards=args.num_shards, overwrite=args.overwrite)
     logger.info("masked teacher %r: %d tokens, %s masking, about %.1f forward tokens per token",
                 args.name, len(stream), metadata["masking"]["mode"],
                 forward_passes_per_token(args.window, args.context, stride))
@@ -200,6 +202,7 @@ def cmd_import_knnlm(args):
         "keys": keys,
         "values": mf.array_spec(os.path.abspath(args.values), value_dtype, (num_rows, 1), layout="raw"),
         "key_sample_sha256": mf.key_sample_fingerprint(mf.open_array(args.dstore, keys, what="keys")),
+        "value_sample_sha256": mf.value_sample_fingerprint(values),
         "dictionary": mf.dictionary_fingerprint(dictionary),
         "student": {"fingerprint": mf.model_fingerprint(model), "path": os.path.abspath(args.student),
                     "key": "imported from the original kNN-LM code (--knn-keytype)"},
@@ -241,6 +244,8 @@ def get_parser():
     p.add_argument("--shard-id", type=int, default=0, help="this process's shard (default: 0)")
     p.add_argument("--num-shards", type=int, default=1, help="processes sharing the pass (default: 1)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished teacher of the same --name (default: stop with an error)")
     p.set_defaults(func=cmd_add_masked_teacher)
 
     p = sub.add_parser("remove-teacher", help="delete a teacher; keys and values are untouched")
@@ -269,7 +274,13 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if getattr(args, "exact", False) and args.stride != 7:
         raise SystemExit("--exact and --stride exclude each other; pass one")
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError, OverflowError) as err:
+        # DatastoreMismatchError is a ValueError. OSError covers a missing
+        # teacher, a finished teacher without --overwrite and missing files.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def build_handler(task, model, dataset, shard_id=0, num_shards=1, context_window
         return DumpKeysHandler(writer, starts, pad)
 
     datastore = Datastore.open(folder, dictionary=dictionary)
+    if args.ppkd_mode in ("eval", "cache"):
+        # Checked before any output file is opened, so that a run with the
+        # wrong checkpoint leaves earlier outputs as they were.
+        datastore.check_student(mf.model_fingerprint(model))
+        if args.ppkd_k > datastore.num_rows:
+            raise ValueError(
+                f"--ppkd-k {args.ppkd_k} exceeds the {datastore.num_rows} rows of datastore {folder}; "
+                f"lower --ppkd-k to at most {datastore.num_rows}"
+            )
     if num_rows != datastore.num_rows and (args.ppkd_mode == "dump_teacher" or args.ppkd_exclude_own_row):
         raise mf.DatastoreMismatchError(
             f"split {split} of {args.data} has {num_rows} tokens but datastore {folder} has "
@@ -91,7 +100,8 @@ def build_handler(task, model, dataset, shard_id=0, num_shards=1, context_window
             "dump": {"tokens_per_sample": args.tokens_per_sample, "context_window": context_window},
         }
         writer = TeacherWriter(datastore, args.ppkd_teacher_name, head, metadata,
-                               mf.dictionary_fingerprint(dictionary), shard_id=shard_id, num_shards=num_shards)
+                               mf.dictionary_fingerprint(dictionary), shard_id=shard_id, num_shards=num_shards,
+                               overwrite=args.ppkd_overwrite)
         return DumpTeacherHandler(writer, starts, pad)
 
     if args.ppkd_mode == "cache":
@@ -114,13 +124,24 @@ def build_handler(task, model, dataset, shard_id=0, num_shards=1, context_window
             f"--ppkd-mu {settings['mu']} mixes in teacher logits but no teacher is given; pass "
             f"--ppkd-teachers with some of: {', '.join(datastore.teacher_names()) or 'none stored'}"
         )
+    # Teachers are opened, and so checked, even at mu = 1 where they are unused.
     teachers = [datastore.open_teacher(name) for name in names]
+    unused_teachers = []
+    if teachers and settings["mu"] == 1.0:
+        # This is a warning, not an error, because a sweep's best point may be
+        # mu = 1 for a teacher set and its check run passes that set with --ppkd-mu 1.
+        logger.warning(
+            "--ppkd-teachers %s has no effect at --ppkd-mu 1, which is the kNN-LM; set --ppkd-mu below 1 "
+            "to mix in the teachers, or drop --ppkd-teachers. The summary lists them as unused_teachers",
+            ",".join(names),
+        )
+        unused_teachers, teachers = names, []
     index = load_index(folder, datastore.manifest, nprobe=args.ppkd_probe,
                        use_gpu=args.ppkd_search_device == "gpu", mmap=args.ppkd_index_mmap)
     return ScoreHandler(
         datastore, index, teachers, settings, starts, pad, dictionary, num_rows,
         analysis_path=args.ppkd_analysis_out, neighbours_dir=args.ppkd_neighbours_out,
-        summary_path=args.ppkd_summary_out, split=split,
+        summary_path=args.ppkd_summary_out, split=split, unused_teachers=unused_teachers,
     )
 
 

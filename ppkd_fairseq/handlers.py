@@ -74,17 +74,24 @@ class ScoreHandler:
             exclude_own_row, full_distribution``.
         starts: block starts of the evaluated split (see rows.py).
         pad: the padding index.
-        student_fingerprint: checked against the datastore on the first batch.
-        analysis_path: optional TSV of per-token probabilities.
-        neighbours_dir: optional folder for retrieved ids and distances.
-        summary_path: optional JSON summary.
         dictionary: for the word column of the analysis file.
         num_positions: tokens in the evaluated split (rows of the
             neighbours arrays).
+        analysis_path: optional TSV of per-token probabilities.
+        neighbours_dir: optional folder for retrieved ids and distances.
+        summary_path: optional JSON summary.
+        split: name of the evaluated split, for the summary.
+        unused_teachers: names of teachers given but not mixed in (at
+            mu = 1), listed in the summary.
+
+    The caller checks the student against the datastore (see builder.py).
+    The analysis TSV and the neighbour arrays are written under
+    ``PATH.partial`` names and renamed by :meth:`finish`, so that a run that
+    fails leaves earlier outputs as they were.
     """
 
     def __init__(self, datastore, index, teachers, settings, starts, pad, dictionary, num_positions,
-                 analysis_path=None, neighbours_dir=None, summary_path=None, split=None):
+                 analysis_path=None, neighbours_dir=None, summary_path=None, split=None, unused_teachers=()):
         self.datastore = datastore
         self.index = index
         self.teachers = teachers
@@ -94,7 +101,7 @@ class ScoreHandler:
         self.dictionary = dictionary
         self.num_positions = num_positions
         self.split = split
-        self.checked_student = False
+        self.unused_teachers = list(unused_teachers)
         self.total_log_prob = 0.0
         self.count = 0
         self.no_neighbour = 0
@@ -103,9 +110,10 @@ class ScoreHandler:
         self.started = time.time()
         self.summary_path = summary_path
         self.analysis = None
+        self.partial_outputs = []  # (partial path, final path), renamed by finish
         if analysis_path:
             os.makedirs(os.path.dirname(os.path.abspath(analysis_path)), exist_ok=True)
-            self.analysis = open(analysis_path, "w")
+            self.analysis = open(self._partial(analysis_path), "w")
             self.analysis.write(
                 "position\ttarget\tword\tlog_p_lm\tlog_p_hard\tlog_p_logit\tlog_p_knn\tlog_p\tn_match\tn_valid\n"
             )
@@ -114,17 +122,21 @@ class ScoreHandler:
             os.makedirs(neighbours_dir, exist_ok=True)
             k = settings["k"]
             self.neighbour_ids = np.lib.format.open_memmap(
-                os.path.join(neighbours_dir, "ids.npy"), mode="w+", dtype=np.int64, shape=(num_positions, k))
+                self._partial(os.path.join(neighbours_dir, "ids.npy")), mode="w+", dtype=np.int64,
+                shape=(num_positions, k))
             self.neighbour_ids[:] = -1
             self.neighbour_distances = np.lib.format.open_memmap(
-                os.path.join(neighbours_dir, "distances.npy"), mode="w+", dtype=np.float32,
+                self._partial(os.path.join(neighbours_dir, "distances.npy")), mode="w+", dtype=np.float32,
                 shape=(num_positions, k))
             self.neighbour_distances[:] = np.inf
 
+    def _partial(self, path):
+        """Return the name ``path`` is written under until :meth:`finish` renames it."""
+        partial = path + ".partial"
+        self.partial_outputs.append((partial, path))
+        return partial
+
     def score_batch(self, model, net_output, sample, base):
-        if not self.checked_student:
-            self.datastore.check_student(mf.model_fingerprint(model))
-            self.checked_student = True
         s = self.settings
         target = sample["target"]
         mask, positions = target_rows(sample["id"], target, self.pad, self.starts)
@@ -229,7 +241,8 @@ class ScoreHandler:
             "split": self.split,
             "settings": {
                 "k": s["k"], "temperature": s["temperature"], "mu": s["mu"], "lambda": s["lam"],
-                "teachers": [t.name for t in self.teachers], "probe": s["probe"],
+                "teachers": [t.name for t in self.teachers], "unused_teachers": self.unused_teachers,
+                "probe": s["probe"],
                 "distance": "exact" if s["exact_distance"] else "faiss",
                 "exclude_own_row": s["exclude_own_row"],
                 "full_distribution": s["full_distribution"],
@@ -246,6 +259,8 @@ class ScoreHandler:
         if self.neighbour_ids is not None:
             self.neighbour_ids.flush()
             self.neighbour_distances.flush()
+        for partial, path in self.partial_outputs:
+            os.replace(partial, path)
         summary = self.summary()
         if self.infinite:
             logger.warning(

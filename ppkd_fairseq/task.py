@@ -52,7 +52,8 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
     )
     ppkd_dstore: Optional[str] = field(
         default=None,
-        metadata={"help": "datastore folder (kNN-LM: --dstore-filename); without it, eval is the plain LM"},
+        metadata={"help": "datastore folder (kNN-LM: --dstore-filename); without it, eval is the plain LM and "
+                          "rejects the other scoring options"},
     )
     ppkd_k: int = field(default=1024, metadata={"help": "neighbours retrieved per token (kNN-LM: --k)"})
     ppkd_lambda: float = field(
@@ -73,7 +74,8 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
     ppkd_teachers: Optional[str] = field(
         default=None,
         metadata={"help": "comma-separated teacher names stored in the datastore; several are averaged "
-                          "as probability distributions (the mixed teacher). Needed when --ppkd-mu < 1"},
+                          "as probability distributions (the mixed teacher). Needed when --ppkd-mu < 1, and "
+                          "unused, with a warning, at --ppkd-mu 1"},
     )
     ppkd_distance: DISTANCE_CHOICES = field(
         default="exact",
@@ -117,7 +119,8 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
         default="causal", metadata={"help": "name of the teacher written by dump_teacher"},
     )
     ppkd_overwrite: bool = field(
-        default=False, metadata={"help": "let dump replace a finished datastore in --ppkd-dstore"},
+        default=False, metadata={"help": "let dump replace a finished datastore in --ppkd-dstore, and "
+                                         "dump_teacher a finished teacher of --ppkd-teacher-name"},
     )
     ppkd_cache_dir: Optional[str] = field(
         default=None,
@@ -129,6 +132,46 @@ class PPKDLanguageModelingConfig(LanguageModelingConfig):
     ppkd_index_mmap: bool = field(
         default=False, metadata={"help": "memory-map the index file instead of reading it into RAM"},
     )
+
+
+# Options that only the scoring pass of eval mode reads, so that they do
+# nothing in eval mode without --ppkd-dstore.
+SCORING_OPTIONS = (
+    "ppkd_k", "ppkd_lambda", "ppkd_mu", "ppkd_temperature", "ppkd_probe", "ppkd_teachers", "ppkd_distance",
+    "ppkd_search_device", "ppkd_exclude_own_row", "ppkd_full_distribution", "ppkd_analysis_out",
+    "ppkd_neighbours_out", "ppkd_summary_out", "ppkd_index_mmap",
+)
+
+
+def check_options(args):
+    """Raise ``ValueError`` for PP-KD options that are out of range or have no effect.
+
+    Runs when the task is set up, before fairseq loads the checkpoint and the
+    split. The checks that need the datastore stay in builder.py.
+    """
+    if args.ppkd_mode not in ("eval", "cache"):
+        return
+    from .builder import validate_settings
+
+    validate_settings({
+        "k": args.ppkd_k, "temperature": args.ppkd_temperature, "mu": args.ppkd_mu,
+        "lam": args.ppkd_lambda, "probe": args.ppkd_probe,
+    })
+    if args.ppkd_mode == "eval" and not args.ppkd_dstore:
+        # NOTE: an option given explicitly at its default value (--ppkd-mu 1)
+        # is indistinguishable from an omitted one, so it passes unnoticed.
+        defaults = PPKDLanguageModelingConfig.__dataclass_fields__
+        unused = []
+        for name in SCORING_OPTIONS:
+            value = getattr(args, name)
+            if value != defaults[name].default:
+                flag = "--" + name.replace("_", "-")
+                unused.append(flag if isinstance(value, bool) else f"{flag} {value}")
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: without --ppkd-dstore, --ppkd-mode eval scores the plain LM and "
+                f"ignores these options; pass --ppkd-dstore DATASTORE or drop them"
+            )
 
 
 class _FinishingIterator:
@@ -156,6 +199,7 @@ class PPKDLanguageModelingTask(LanguageModelingTask):
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
+        check_options(args)
         self.ppkd_models = []
         self.ppkd_split = None
         self.ppkd_handler = None

@@ -384,3 +384,18 @@ def test_teachers_leave_keys_untouched(tiny_datastore):
     store.remove_teacher("spare")
     assert store.teacher_names() == ["causal", "postnorm"]
     assert file_snapshot(folder) == tiny_datastore["before_teachers"]
+
+
+def test_dump_teacher_overwrite_flag(tiny_datastore, tiny_data, tiny_models, tmp_path):
+    folder = copy_datastore(tiny_datastore, tmp_path)
+    teacher = os.path.join(folder, "teachers", "causal")
+    before = file_snapshot(teacher, names=("states.npy",))
+    dump = ("--ppkd-mode", "dump_teacher", "--ppkd-dstore", folder, "--ppkd-teacher-name", "causal")
+
+    with pytest.raises(RuntimeError, match="--ppkd-overwrite"):
+        eval_lm(tiny_data, tiny_models["student_postnorm"], *dump)
+    assert file_snapshot(teacher, names=("states.npy",)) == before
+
+    eval_lm(tiny_data, tiny_models["student_postnorm"], *dump, "--ppkd-overwrite")
+    assert file_snapshot(teacher, names=("states.npy",))["states.npy"][0] != before["states.npy"][0]
+    Datastore.open(folder).open_teacher("causal")  # the replacement passes every check

@@ -193,7 +193,9 @@ def build(args):
         with open(path) as f:
             summary = json.load(f)
         s = summary["settings"]
-        match = next((r for r in rows if r["teachers"] == s["teachers"] and r["mu"] == s["mu"]
+        # At mu = 1 fairseq-eval-lm lists the given teachers as unused.
+        summary_teachers = s["teachers"] + s.get("unused_teachers", [])
+        match = next((r for r in rows if r["teachers"] == summary_teachers and r["mu"] == s["mu"]
                       and r["lambda"] == s["lambda"] and r["temperature"] == s["temperature"]), None)
         checks.append({"summary": os.path.abspath(path), "fairseq_eval_lm_perplexity": summary["perplexity"],
                        "tokens": summary["tokens"],

@@ -163,7 +163,15 @@ def main(argv=None):
     logger.info("running %s", shlex.join(cmd))
     with open(os.path.join(args.save_dir, "train.log"), "a") as log:
         log.write("# " + shlex.join(cmd) + "\n")
-    subprocess.run(cmd, check=True)
+    returncode = subprocess.run(cmd).returncode
+    if returncode != 0:
+        # fairseq-train has printed its own error and traceback already.
+        if returncode < 0:
+            print(f"error: fairseq-train was killed by signal {-returncode}; see the messages above",
+                  file=sys.stderr)
+            raise SystemExit(128 - returncode)  # the shell's status for a signal
+        print(f"error: fairseq-train exited with status {returncode}; see the messages above", file=sys.stderr)
+        raise SystemExit(returncode)
 
 
 if __name__ == "__main__":

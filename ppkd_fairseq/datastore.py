@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import manifest as mf
-from .retrieval import take_rows
+from .retrieval import as_tensor, take_rows
 from .teacher_head import TeacherHead
 
 logger = logging.getLogger(__name__)
@@ -237,13 +237,14 @@ class TeacherStore:
         n, k = rows.shape
         targets = torch.as_tensor(targets).view(n, 1)
         out = torch.empty(n, k, dtype=torch.float32)
+        states, lognorm = as_tensor(self.states), as_tensor(self.lognorm)  # views of the memmaps
         step = max(1, chunk_rows // k)  # whole queries per step, so each has one target vector
         for begin in range(0, n, step):
             end = min(n, begin + step)
             flat = rows[begin:end].reshape(-1)
             shape = (end - begin, k, -1)
-            u = take_rows(self.states, flat, torch.float32).view(shape)  # (c, k, d_t)
-            z = take_rows(self.lognorm, flat, torch.float32).view(shape)  # (c, k, C)
+            u = take_rows(states, flat, torch.float32).view(shape)  # (c, k, d_t)
+            z = take_rows(lognorm, flat, torch.float32).view(shape)  # (c, k, C)
             out[begin:end] = target_log_probs(self.head, u, z, targets[begin:end])
         return out
 

@@ -43,11 +43,15 @@ def as_tensor(array):
 def take_rows(array, ids, dtype=None):
     """Return ``array[ids]`` as a tensor, for (m,) int64 row ids all >= 0.
 
+    ``array`` is a NumPy array, a memmap, or a CPU tensor (such as
+    :func:`as_tensor`'s, made once for a loop of calls).
+
     torch's ``index_select`` copies the rows with torch's threads. On a
     memmap the OS pages them in from disk or from its cache. Rows are cast to ``dtype``
     (a torch dtype) after the copy, so the memmap is read at its stored width.
     """
-    rows = as_tensor(array).index_select(0, torch.as_tensor(ids, dtype=torch.int64))
+    table = array if isinstance(array, torch.Tensor) else as_tensor(array)
+    rows = table.index_select(0, torch.as_tensor(ids, dtype=torch.int64))
     return rows if dtype is None else rows.to(dtype)
 
 

@@ -242,10 +242,10 @@ def target_log_probs(head, states, normalizers, targets):
     targets = targets.long()
     vec = head.weight.to(u.device)[targets]  # (..., d_t)
     cluster = head.word_cluster.to(u.device)[targets]  # (...)
-    shape = torch.broadcast_shapes(u.shape[:-1], targets.shape)
     # einsum contracts d_t without a (..., d_t) product; for (n, 1) targets
     # against (n, k, d_t) states it is one batched matrix product.
     logit = torch.einsum("...d,...d->...", u, vec) + head.bias.to(u.device)[targets]
+    shape = logit.shape  # states' and targets' shapes broadcast
     z = normalizers.float().expand(*shape, normalizers.shape[-1])
     z = z.gather(-1, cluster.expand(shape).unsqueeze(-1)).squeeze(-1)
     return logit - z

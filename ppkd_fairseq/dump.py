@@ -51,15 +51,12 @@ class DatastoreWriter:
 
     def __init__(self, folder, num_rows, key_dim, key_dtype, metadata, shard_id=0, num_shards=1, overwrite=False):
         path = os.path.join(folder, MANIFEST)
-        if os.path.exists(path) and not overwrite:
-            with open(path) as f:
-                status = json.load(f).get("status")
-            if status == mf.COMPLETE:
-                raise FileExistsError(
-                    f"{folder} already holds a finished datastore; pass --ppkd-overwrite to replace it "
-                    f"(its teachers and index will no longer match and are removed), or choose "
-                    f"another --ppkd-dstore"
-                )
+        if not overwrite and manifest_status(path) == mf.COMPLETE:
+            raise FileExistsError(
+                f"{folder} already holds a finished datastore; pass --ppkd-overwrite to replace it "
+                f"(its teachers and index will no longer match and are removed), or choose "
+                f"another --ppkd-dstore"
+            )
         self.folder = folder
         self.num_rows = num_rows
         self.key_dim = key_dim
@@ -134,6 +131,14 @@ def _remove_dependents(folder):
                 os.remove(path)
 
 
+def manifest_status(path):
+    """Return the ``status`` field of the manifest at ``path``, or None when there is no manifest."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("status")
+
+
 def check_teacher_absent(datastore, name):
     """Raise ``FileExistsError`` when ``datastore`` already contains a finished teacher ``name``.
 
@@ -141,12 +146,7 @@ def check_teacher_absent(datastore, name):
     replaced, like an interrupted datastore dump.
     """
     folder = os.path.join(datastore.folder, "teachers", name)
-    path = os.path.join(folder, TEACHER_MANIFEST)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        status = json.load(f).get("status")
-    if status == mf.COMPLETE:
+    if manifest_status(os.path.join(folder, TEACHER_MANIFEST)) == mf.COMPLETE:
         raise FileExistsError(
             f"finished teacher {name!r} already exists in {folder}. To replace it, pass --ppkd-overwrite to "
             f"fairseq-eval-lm --ppkd-mode dump_teacher or --overwrite to add-masked-teacher, or remove it first "

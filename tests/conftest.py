@@ -5,6 +5,7 @@ takes a few seconds each on a CPU; they are built once per test session.
 """
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -161,3 +162,23 @@ def tiny_datastore(tiny_data, tiny_models, tmp_path_factory):
         eval_lm(tiny_data, tiny_models[model], "--ppkd-mode", "dump_teacher", "--ppkd-dstore", folder,
                 "--ppkd-teacher-name", name)
     return {"folder": folder, "before_teachers": before_teachers}
+
+
+class FakeDatastore:
+    """A datastore's keys, values and identity, for handlers built without files."""
+
+    def __init__(self, keys, values):
+        self.keys = keys
+        self.values = values
+        self.folder = "fake"
+        self.num_rows = len(values)
+        self.manifest = {"datastore_id": "fake"}
+
+
+def edit_json(path, edit):
+    """Apply ``edit`` to the JSON object in ``path`` and write it back."""
+    with open(path) as f:
+        obj = json.load(f)
+    edit(obj)
+    with open(path, "w") as f:
+        json.dump(obj, f)

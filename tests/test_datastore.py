@@ -8,7 +8,6 @@ captured by a forward pre-hook of the test's own (tests/capture.py).
 Each fairseq-eval-lm run takes a few seconds, so the dumps are shared.
 """
 
-import json
 import os
 import shutil
 
@@ -18,7 +17,7 @@ import torch
 from fairseq.data import Dictionary
 
 import capture
-from conftest import eval_lm, file_snapshot
+from conftest import edit_json, eval_lm, file_snapshot
 from ppkd_fairseq import manifest as mf
 from ppkd_fairseq.datastore import Datastore, check_float16_range
 from ppkd_fairseq.dump import DatastoreWriter, TeacherWriter
@@ -79,14 +78,6 @@ def copy_datastore(tiny_datastore, tmp_path):
     folder = str(tmp_path / "copy")
     shutil.copytree(tiny_datastore["folder"], folder)
     return folder
-
-
-def edit_json(path, edit):
-    with open(path) as f:
-        obj = json.load(f)
-    edit(obj)
-    with open(path, "w") as f:
-        json.dump(obj, f)
 
 
 def assert_keys_match_capture(stored, captured):

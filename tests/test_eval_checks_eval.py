@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import eval_lm, reported_perplexity
+from conftest import FakeDatastore, eval_lm, reported_perplexity
 from ppkd_fairseq.handlers import ScoreHandler
 from ppkd_fairseq.task import PPKDLanguageModelingConfig, check_options
 
@@ -58,15 +58,6 @@ def test_other_student_keeps_earlier_outputs(tiny_data, tiny_models, tiny_datast
     assert [sha256(path) for path in files] == before
     assert sorted(os.listdir(tmp_path)) == ["keep.tsv", "nb"]
     assert sorted(os.listdir(neighbours)) == ["distances.npy", "ids.npy"]
-
-
-class FakeDatastore:
-    def __init__(self, keys, values):
-        self.keys = keys
-        self.values = values
-        self.folder = "fake"
-        self.num_rows = len(values)
-        self.manifest = {"datastore_id": "fake"}
 
 
 class FakeModel:

@@ -7,7 +7,6 @@ model is loaded, so every test takes well under a second.
 """
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import edit_json
 from ppkd_fairseq import manifest as mf
 from ppkd_fairseq.cli import datastore as datastore_cli
 from ppkd_fairseq.datastore import Datastore
@@ -53,14 +53,6 @@ def write_teacher(store, name="causal", seed=0, overwrite=False):
     writer = TeacherWriter(store, name, head, {"kind": "causal"}, DICTIONARY, overwrite=overwrite)
     writer.write(np.arange(NUM_ROWS), states, np.asarray(store.values, dtype=np.int64))
     assert writer.finish()
-
-
-def edit_json(path, edit):
-    with open(path) as f:
-        obj = json.load(f)
-    edit(obj)
-    with open(path, "w") as f:
-        json.dump(obj, f)
 
 
 def file_digests(folder):

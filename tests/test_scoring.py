@@ -28,7 +28,7 @@ import torch
 
 import capture
 import reference
-from conftest import eval_lm, run
+from conftest import FakeDatastore, eval_lm, run
 from ppkd_fairseq.datastore import TeacherStore
 from ppkd_fairseq.handlers import ScoreHandler
 from ppkd_fairseq.retrieval import gather_rows, search
@@ -374,18 +374,6 @@ def test_gather_rows_skips_invalid():
     ids = np.array([[4, -1], [0, 5]])
     out = gather_rows(table, ids, ids >= 0)
     np.testing.assert_array_equal(out, [[40, 0], [0, 50]])
-
-
-class FakeDatastore:
-    def __init__(self, keys, values):
-        self.keys = keys
-        self.values = values
-        self.folder = "fake"
-        self.num_rows = len(values)
-        self.manifest = {"datastore_id": "fake"}
-
-    def check_student(self, fingerprint):
-        pass
 
 
 class FakeModel:

@@ -152,7 +152,7 @@ def test_every_wt103_student_has_a_kd_twin():
 
 
 @pytest.mark.parametrize("path", KD_CONFIGS, ids=[os.path.basename(p)[:-5] for p in KD_CONFIGS])
-def test_kd_config_is_its_student_plus_the_kd_loss(path):
+def test_kd_config_extends_student(path):
     kd = train.load_config(path)
     student = train.load_config(os.path.basename(path)[: -len("_kd.yaml")])
 

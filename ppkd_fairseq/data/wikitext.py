@@ -91,7 +91,7 @@ class DamagedSourceError(RuntimeError):
     """A compressed token file or archive that cannot be read to its end."""
 
 
-# What the standard library raises on a truncated or corrupted .xz, zip or tar.
+# Exceptions the standard library raises on a truncated or corrupted .xz, zip or tar file.
 _READ_ERRORS = (EOFError, lzma.LZMAError, zlib.error, zipfile.BadZipFile, tarfile.TarError, OSError)
 
 

@@ -13,10 +13,12 @@ one of:
 * ``--kd-datastore DIR --kd-teacher NAME``: the teacher states that
   ``fairseq-eval-lm --ppkd-mode dump_teacher`` stored for the training split.
 
-Both the student and the teacher are scored over the full vocabulary. For an
-adaptive-softmax student this costs a (tokens, V) matrix per batch, the cost
-that ``adaptive_loss`` avoids, but it is the only way to compare the two
-distributions exactly.
+Both the student and the teacher are scored over the full vocabulary, the
+cost that ``adaptive_loss`` avoids for an adaptive-softmax student, but the
+only way to compare the two distributions exactly. The loss is computed in
+chunks of rows with a closed-form gradient
+(:func:`~ppkd_fairseq.distillation.chunked_distillation_loss`), so a batch
+holds one (tokens, V) matrix, the gradient, instead of several.
 
 On validation, where fairseq puts the model in evaluation mode, ``loss`` is
 the gold cross-entropy alone, so that ``checkpoint_best.pt`` is the one with
@@ -36,9 +38,10 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from . import manifest as mf
-from .distillation import adaptive_softmax_log_probs, distillation_loss
+from .distillation import adaptive_softmax_logits, chunked_distillation_loss
 from .distillation_teachers import CheckpointTeacher, DatastoreTeacher
 from .rows import block_starts, num_stream_tokens, target_rows
+from .teacher_head import full_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +113,26 @@ class DistillationCriterion(FairseqCriterion):
             self._starts_of = (dataset, block_starts(dataset))
         return self._starts_of[1]
 
-    def teacher_log_probs(self, model, sample, mask, target):
-        """Return the teacher's (n, V) log-probabilities for the masked targets."""
+    def teacher_scorer(self, model, sample, mask, target):
+        """Return ``score(start, stop)``: the teacher's log-probabilities of targets ``start:stop``.
+
+        The teacher's states for the batch's n masked targets are computed
+        (or read) once; ``score`` maps a slice of them through the output
+        layer to a (stop - start, V) float32 matrix, so that the loss never
+        holds the teacher's whole (n, V) distribution.
+        """
         if isinstance(self.teacher, CheckpointTeacher):
             parameter = next(model.parameters())
-            return self.teacher.log_probs(sample["net_input"], mask, parameter.device, parameter.dtype)
-        _, rows = target_rows(sample["id"], sample["target"], self.padding_idx, self._training_block_starts())
-        return self.teacher.log_probs(rows, target.cpu().numpy(), target.device)
+            states = self.teacher.states(sample["net_input"], mask, parameter.device, parameter.dtype)
+        else:
+            _, rows = target_rows(sample["id"], sample["target"], self.padding_idx, self._training_block_starts())
+            states = self.teacher.states(rows, target.cpu().numpy(), target.device)  # (n, d_t)
+        head = self.teacher.head
+        return lambda start, stop: full_log_probs(head, states[start:stop])
+
+    def teacher_log_probs(self, model, sample, mask, target):
+        """Return the teacher's (n, V) log-probabilities for the masked targets."""
+        return self.teacher_scorer(model, sample, mask, target)(0, len(target))
 
     def forward(self, model, sample, reduce=True):
         """Compute the loss of a batch.
@@ -131,15 +147,16 @@ class DistillationCriterion(FairseqCriterion):
         target = model.get_targets(sample, net_output)  # (B, T)
         mask = target.ne(self.padding_idx)  # (B, T)
         gold = target[mask]  # (n,)
-        student = student_log_probs(model, net_output, mask)  # (n, V)
+        head_logits, tail_logits = student_logits(model, net_output, mask)
 
-        with_teacher = model.training or isinstance(self.teacher, CheckpointTeacher)
-        if with_teacher:
-            teacher = self.teacher_log_probs(model, sample, mask, gold)  # (n, V)
-            kd_total, nll, kl = distillation_loss(student, teacher, gold, self.alpha, self.temperature)
-        else:
-            nll = -student.gather(1, gold.unsqueeze(1)).sum()
-            kd_total, kl = None, None
+        teacher = None
+        if model.training or isinstance(self.teacher, CheckpointTeacher):
+            teacher = self.teacher_scorer(model, sample, mask, gold)
+        kd_total, nll, kl = chunked_distillation_loss(
+            head_logits, tail_logits, teacher, gold, self.alpha, self.temperature
+        )
+        if teacher is None:
+            kl = None
         loss = kd_total if model.training else nll
 
         ntokens = int(mask.sum())
@@ -192,15 +209,17 @@ def validate_config(cfg):
         )
 
 
-def student_log_probs(model, net_output, mask):
-    """Return the student's (n, V) float32 log-probabilities at the masked positions.
+def student_logits(model, net_output, mask):
+    """Return the student's logits at the masked positions, by cluster.
 
-    An adaptive-softmax student is scored over the full vocabulary with
-    :func:`adaptive_softmax_log_probs`; any other fairseq LM through its
-    ``get_normalized_probs``.
+    Returns:
+        ``(head_logits, tail_logits)`` as
+        :func:`~ppkd_fairseq.distillation.adaptive_softmax_logits` returns
+        them for an adaptive-softmax student: (n, c_0 + n_tail) and a list
+        of (n, V_i). Any other fairseq LM gives its (n, V) output logits and
+        an empty list.
     """
     adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
     if adaptive_softmax is not None:
-        return adaptive_softmax_log_probs(adaptive_softmax, net_output[0][mask])  # (n, V)
-    log_probs = model.get_normalized_probs(net_output, log_probs=True)  # (B, T, V)
-    return log_probs[mask].float()
+        return adaptive_softmax_logits(adaptive_softmax, net_output[0][mask])
+    return net_output[0][mask], []

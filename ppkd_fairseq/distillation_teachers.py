@@ -1,9 +1,9 @@
 """Teacher distributions for logit distillation, from a checkpoint or a datastore.
 
-Both sources return the causal teacher's full log-distribution (n, V) at
-temperature 1 for the n non-padding targets of a training batch, computed
-with :func:`teacher_head.full_log_probs` from the teacher's final hidden
-states:
+Both sources give the causal teacher's final hidden states (n, d_t) for
+the n non-padding targets of a training batch, and its output layer, which
+:func:`teacher_head.full_log_probs` turns into the full log-distribution
+(n, V) at temperature 1:
 
 * :class:`CheckpointTeacher` runs a frozen fairseq LM on each batch;
 * :class:`DatastoreTeacher` reads the states that ``--ppkd-mode
@@ -104,8 +104,8 @@ class CheckpointTeacher:
             self.head = head_to(self.head, device)
 
     @torch.no_grad()
-    def log_probs(self, net_input, mask, device, dtype):
-        """Return (n, V) float32 log-probabilities of the n masked positions.
+    def states(self, net_input, mask, device, dtype):
+        """Return the teacher's (n, d_t) final hidden states at the n masked positions.
 
         Args:
             net_input: the batch's ``net_input`` (``src_tokens`` (B, T), ...).
@@ -115,7 +115,11 @@ class CheckpointTeacher:
         """
         self._move_to(device, dtype)
         features, _ = self.model(**net_input, features_only=True)  # (B, T, d_t)
-        return full_log_probs(self.head, features[mask])  # (n, V)
+        return features[mask]
+
+    def log_probs(self, net_input, mask, device, dtype):
+        """Return (n, V) float32 log-probabilities of the n masked positions (see :meth:`states`)."""
+        return full_log_probs(self.head, self.states(net_input, mask, device, dtype))
 
 
 def check_teacher_dictionary(path, cfg, dictionary):
@@ -188,17 +192,20 @@ class DatastoreTeacher:
                 f"training split; dump it with fairseq-eval-lm --gen-subset train over this data-bin."
             )
 
-    def log_probs(self, rows, targets, device):
-        """Return (n, V) float32 teacher log-probabilities at the given rows.
+    def states(self, rows, targets, device):
+        """Return the teacher's stored (n, d_t) states at the given rows.
 
         Args:
             rows: (n,) int64 datastore rows of the targets.
             targets: (n,) int64 gold word ids, checked against the stored values.
-            device: where to compute.
+            device: where to compute; the head moves there on first use.
         """
         targets = np.asarray(targets, dtype=np.int64)
         self.check_rows(rows, targets)
         if self.head.weight.device != device:
             self.head = head_to(self.head, device)
-        states = torch.from_numpy(np.ascontiguousarray(self.teacher.states[rows])).to(device)  # (n, d_t)
-        return full_log_probs(self.head, states)  # (n, V)
+        return torch.from_numpy(np.ascontiguousarray(self.teacher.states[rows])).to(device)
+
+    def log_probs(self, rows, targets, device):
+        """Return (n, V) float32 teacher log-probabilities at the given rows (see :meth:`states`)."""
+        return full_log_probs(self.head, self.states(rows, targets, device))

@@ -23,7 +23,13 @@ from fairseq.data import Dictionary
 from conftest import COMMON_LM, USER_DIR, eval_lm, run
 from ppkd_fairseq import manifest as mf
 from ppkd_fairseq.criterion import DistillationConfig, DistillationCriterion
-from ppkd_fairseq.distillation import adaptive_softmax_log_probs, distillation_loss, temper
+from ppkd_fairseq.distillation import (
+    adaptive_softmax_log_probs,
+    chunked_distillation_loss,
+    clustered_log_probs,
+    distillation_loss,
+    temper,
+)
 from ppkd_fairseq.distillation_teachers import DatastoreTeacher, check_teacher_dictionary
 from ppkd_fairseq.rows import block_starts, target_rows
 
@@ -147,6 +153,78 @@ def test_distillation_gradient_matches_numpy():
             down[i, j] -= step
             expected[i, j] = (total(up) - total(down)) / (2 * step)
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def clustered_logits(n, sizes, seed):
+    """Random float64 student logits: a head over ``sizes[0]`` words and ``len(sizes) - 1`` tail
+    clusters, then one (n, V_i) matrix per tail; one size gives a full softmax."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randn(n, sizes[0] + len(sizes) - 1, generator=g, dtype=torch.float64) * 2
+    tails = [torch.randn(n, size, generator=g, dtype=torch.float64) * 2 for size in sizes[1:]]
+    return [t.requires_grad_() for t in (head, *tails)]
+
+
+@pytest.mark.parametrize("sizes", [(5, 4, 7), (9,)], ids=["adaptive", "full"])
+@pytest.mark.parametrize("alpha, tau", [(0.3, 2.5), (0.0, 1.0), (1.0, 2.0)])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 100])
+def test_chunked_loss_equals_reference(sizes, alpha, tau, chunk_rows):
+    # Chunked values and closed-form gradients against autograd through the
+    # reference distillation_loss, on 11 rows (no chunk size divides them evenly but 1).
+    n, vocab_size = 11, sum(sizes)
+    g = torch.Generator().manual_seed(7)
+    teacher = torch.log_softmax(torch.randn(n, vocab_size, generator=g, dtype=torch.float64) * 2, dim=-1)
+    target = torch.randint(0, vocab_size, (n,), generator=g)
+    reference_inputs = clustered_logits(n, sizes, seed=5)
+    chunked_inputs = clustered_logits(n, sizes, seed=5)
+
+    expected = distillation_loss(clustered_log_probs(reference_inputs[0], reference_inputs[1:]),
+                                 teacher, target, alpha, tau)
+    expected[0].backward()
+    actual = chunked_distillation_loss(chunked_inputs[0], chunked_inputs[1:], lambda a, b: teacher[a:b],
+                                       target, alpha, tau, chunk_rows=chunk_rows)
+    actual[0].backward()
+
+    for a, e in zip(actual, expected):
+        assert float(a) == pytest.approx(float(e), rel=1e-6, abs=1e-9)
+    for a, e in zip(chunked_inputs, reference_inputs):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_chunked_loss_half_logits_under_loss_scale():
+    # fp16 training: float16 logits are scored in float32, and the gradient stays float32
+    # until backward multiplies it by the loss scale, then becomes float16.
+    head, *tails = [t.detach().half().requires_grad_() for t in clustered_logits(6, (5, 4, 7), seed=4)]
+    reference = [t.detach().float().requires_grad_() for t in (head, *tails)]
+    teacher = torch.log_softmax(torch.randn(6, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    target = torch.tensor([0, 4, 5, 8, 9, 15])
+    scale = 2.0**10
+
+    loss, _, _ = chunked_distillation_loss(head, tails, lambda a, b: teacher[a:b], target, 0.5, 2.0, chunk_rows=4)
+    loss.backward(torch.tensor(scale))
+    expected, _, _ = chunked_distillation_loss(reference[0], reference[1:], lambda a, b: teacher[a:b], target, 0.5,
+                                               2.0, chunk_rows=4)
+    expected.backward()
+
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    for a, e in zip((head, *tails), reference):
+        assert a.grad.dtype == torch.float16
+        torch.testing.assert_close(a.grad.float() / scale, e.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_chunked_loss_without_teacher_is_cross_entropy():
+    head, *tails = clustered_logits(6, (5, 4, 7), seed=2)
+    target = torch.tensor([0, 4, 5, 8, 9, 15])
+
+    loss, nll, kl = chunked_distillation_loss(head, tails, None, target, 1.0, 2.0, chunk_rows=4)
+    loss.backward()
+
+    log_probs = clustered_log_probs(head.detach(), [t.detach() for t in tails])
+    expected_nll = -log_probs[torch.arange(6), target].sum()
+    assert float(nll) == pytest.approx(float(expected_nll), rel=1e-9)
+    assert float(kl) == 0.0
+    assert float(loss) == pytest.approx(float(expected_nll), rel=1e-9)
+    assert head.grad is not None and all(t.grad is not None for t in tails)
 
 
 def test_temper_full_softmax_equals_tempered_logits():

@@ -24,8 +24,7 @@ SCRIPTS = {
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_dry_run_prints_stages(script, tmp_path):
-    # SKIP_KD=0: the WikiText-2 run's KD stages are left out by default.
-    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), NUM_SHARDS="2", SKIP_KD="0")
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), NUM_SHARDS="2")
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", script), "--dry-run"],
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
@@ -33,6 +32,16 @@ def test_dry_run_prints_stages(script, tmp_path):
     for stage in SCRIPTS[script]:
         assert stage in stages, f"{script} dry run lacks stage {stage}"
     assert not (tmp_path / "run" / "stages").exists(), "a dry run must not record stages"
+
+
+def test_skip_kd_leaves_out_kd_stages(tmp_path):
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), SKIP_KD="1")
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "reproduce_wikitext2.sh"), "--dry-run"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    stages = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("# stage ")]
+    assert "report" in stages and "sweep_test" in stages
+    assert not [stage for stage in stages if "_kd" in stage]
 
 
 def test_dry_run_shards_dumps(tmp_path):

@@ -40,7 +40,8 @@ def test_skip_kd_leaves_out_kd_stages(tmp_path):
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
     stages = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("# stage ")]
-    assert "report" in stages and "sweep_test" in stages
+    assert "report" in stages
+    assert "sweep_test" in stages
     assert not [stage for stage in stages if "_kd" in stage]
 
 

@@ -5,11 +5,13 @@ vocabulary. The whole-matrix way (``distillation_loss`` on the student's and
 the teacher's (n, V) log-probabilities, autograd through the student's
 adaptive softmax) passes over several (n, V) matrices that do not fit in
 cache. ``chunked_distillation_loss`` scores a few rows at a time and writes
-the gradient in closed form. This script builds an adaptive-softmax student
-output layer and a teacher head of the WikiText-2 CPU configurations
-(``configs/wt2_cpu_student.yaml``, ``configs/wt2_cpu_teacher.yaml``), checks
-that both ways give the same loss and gradients, and prints the median time
-of each, with the ratio whole / chunked measured in the same run.
+the gradient in closed form.
+
+This script builds an adaptive-softmax student output layer and a teacher
+head with the sizes of ``configs/wt2_cpu_student.yaml`` and
+``configs/wt2_cpu_teacher.yaml``. It checks that both ways give the same
+loss and gradients, then prints the median time of each and the ratio
+whole / chunked, measured in the same run.
 
     python bench/bench_kd_loss.py
     python bench/bench_kd_loss.py --tokens 2048 --chunk-rows 16,32,64 --reps 5

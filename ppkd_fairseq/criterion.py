@@ -117,9 +117,9 @@ class DistillationCriterion(FairseqCriterion):
         """Return ``score(start, stop)``: the teacher's log-probabilities of targets ``start:stop``.
 
         The teacher's states for the batch's n masked targets are computed
-        (or read) once; ``score`` maps a slice of them through the output
-        layer to a (stop - start, V) float32 matrix, so that the loss never
-        holds the teacher's whole (n, V) distribution.
+        (or read) once. ``score`` maps a slice of them through the output
+        layer to a (stop - start, V) float32 matrix, so the loss never
+        builds the teacher's whole (n, V) distribution.
         """
         if isinstance(self.teacher, CheckpointTeacher):
             parameter = next(model.parameters())

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 
 def _wide_dtype(dtype):
-    """float32, or float64 for float64 inputs (tests compare in float64)."""
+    """Return float32, or float64 for float64 inputs, which the tests compare in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _wide(t):
-    """``t`` in :func:`_wide_dtype` (float16 and bfloat16 are computed in float32)."""
+    """Return ``t`` in :func:`_wide_dtype`, so float16 and bfloat16 are computed in float32."""
     return t.to(_wide_dtype(t.dtype))
 
 
@@ -40,8 +40,8 @@ def temper(log_probs, temperature):
 def adaptive_softmax_logits(adaptive_softmax, x):
     """Return an adaptive softmax's cluster logits, with gradients.
 
-    The module's input dropout is applied as its ``forward`` applies it, so
-    that training sees the dropout that ``adaptive_loss`` applies.
+    The module's input dropout is applied as in its ``forward``, so that
+    training uses the same dropout as ``adaptive_loss``.
 
     Args:
         adaptive_softmax: a fairseq ``AdaptiveSoftmax`` with cutoffs
@@ -91,6 +91,9 @@ def adaptive_softmax_log_probs(adaptive_softmax, x):
 
 def distillation_loss(student_log_probs, teacher_log_probs, target, alpha, temperature):
     """Compute the KD loss of n tokens, summed over the tokens, in nats.
+
+    This is the reference definition on whole (n, V) matrices; the criterion
+    uses :func:`chunked_distillation_loss`, which the tests check against it.
 
     Args:
         student_log_probs: (n, V) student log-probabilities at temperature 1.

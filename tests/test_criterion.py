@@ -156,8 +156,11 @@ def test_distillation_gradient_matches_numpy():
 
 
 def clustered_logits(n, sizes, seed):
-    """Random float64 student logits: a head over ``sizes[0]`` words and ``len(sizes) - 1`` tail
-    clusters, then one (n, V_i) matrix per tail; one size gives a full softmax."""
+    """Return random float64 student logits: head logits, then one (n, V_i) matrix per tail.
+
+    The head covers ``sizes[0]`` words and ``len(sizes) - 1`` tail clusters. A single size
+    gives the logits of a full softmax.
+    """
     g = torch.Generator().manual_seed(seed)
     head = torch.randn(n, sizes[0] + len(sizes) - 1, generator=g, dtype=torch.float64) * 2
     tails = [torch.randn(n, size, generator=g, dtype=torch.float64) * 2 for size in sizes[1:]]

@@ -14,8 +14,8 @@
 #   --dry-run  print every command without running it
 # Variables: WIKITEXT_DIR (token files; downloaded when unset), RUN_DIR
 # (outputs; default runs/wikitext2 or runs/wikitext2-smoke), SKIP_KD=1
-# (leaves out the KD-trained student, whose stages take about 75 minutes,
-# estimated from the other stages' times), CHECK_TEST=0 (no stock
+# (leaves out the KD-trained student, whose stages took 65 minutes on a
+# 2-core CPU), CHECK_TEST=0 (no stock
 # fairseq-eval-lm check).
 # Each stage records RUN_DIR/stages/NAME.json; a rerun skips finished stages.
 set -euo pipefail

@@ -65,13 +65,25 @@ def clustered_log_probs(head_logits, tail_logits):
     cluster i gets ``log_softmax(head)[c_0 + i] + log_softmax(tail_i)[j]``.
     With no tails, ``head_logits`` are the logits of a full softmax.
     """
-    head_size = head_logits.shape[1] - len(tail_logits)
-    head = F.log_softmax(_wide(head_logits), dim=-1)  # (n, c_0 + n_tail)
-    pieces = [head[:, :head_size]]
-    for i, logits in enumerate(tail_logits):
-        cluster_log_prob = head[:, head_size + i : head_size + i + 1]  # (n, 1)
-        pieces.append(F.log_softmax(_wide(logits), dim=-1) + cluster_log_prob)  # (n, V_i)
-    return torch.cat(pieces, dim=-1) if tail_logits else head
+    log_head = F.log_softmax(_wide(head_logits), dim=-1)  # (n, c_0 + n_tail)
+    return _join_clusters(log_head, [F.log_softmax(_wide(logits), dim=-1) for logits in tail_logits])
+
+
+def _join_clusters(log_head, log_tails):
+    """Return the (n, V) log-distribution of per-cluster log-probabilities.
+
+    Args:
+        log_head: (n, c_0 + n_tail) log-probabilities of the head words and
+            the tail clusters.
+        log_tails: list of n_tail (n, V_i) log-probabilities within each tail
+            cluster; empty for a full softmax, whose ``log_head`` is returned.
+    """
+    if not log_tails:
+        return log_head
+    head_size = log_head.shape[1] - len(log_tails)
+    pieces = [log_head[:, :head_size]]
+    pieces += [log_tail + log_head[:, head_size + i, None] for i, log_tail in enumerate(log_tails)]  # (n, V_i)
+    return torch.cat(pieces, dim=-1)
 
 
 def adaptive_softmax_log_probs(adaptive_softmax, x):
@@ -232,17 +244,12 @@ class ChunkedDistillation(torch.autograd.Function):
             gold = target[rows].unsqueeze(1)  # (m, 1)
             log_head = F.log_softmax(_wide(head_logits[rows]), dim=-1)  # (m, c_0 + n_tail)
             log_tails = [F.log_softmax(_wide(logits[rows]), dim=-1) for logits in tail_logits]  # (m, V_i)
-            if num_tails:
-                pieces = [log_head[:, :head_size]]
-                pieces += [log_tail + log_head[:, head_size + i, None] for i, log_tail in enumerate(log_tails)]
-                s = torch.cat(pieces, dim=-1)  # (m, V)
-            else:
-                s = log_head
+            s = _join_clusters(log_head, log_tails)  # (m, V)
             nll -= s.gather(1, gold).sum()
 
             g = None  # (m, V) gradient of the loss with respect to s
             if teacher is not None:
-                log_p_t = F.log_softmax(_wide(teacher(rows.start, rows.stop)) / tau, dim=-1)  # (m, V)
+                log_p_t = temper(teacher(rows.start, rows.stop), tau)  # (m, V)
                 log_q = F.log_softmax(s / tau, dim=-1)  # (m, V)
                 p_t = log_p_t.exp()
                 kl += (p_t * (log_p_t - log_q)).sum()

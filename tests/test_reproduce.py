@@ -22,34 +22,38 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_dry_run_prints_stages(script, tmp_path):
-    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), NUM_SHARDS="2")
+def dry_run(script, run_dir, **variables):
+    """Run ``scripts/SCRIPT --dry-run`` with RUN_DIR and ``variables`` set; return its stdout."""
+    env = dict(os.environ, RUN_DIR=str(run_dir), **variables)
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", script), "--dry-run"],
                             capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    stages = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("# stage ")]
+    return result.stdout
+
+
+def printed_stages(stdout):
+    """Return the stage names of a dry run's ``# stage NAME`` lines."""
+    return [line.split()[-1] for line in stdout.splitlines() if line.startswith("# stage ")]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_dry_run_prints_stages(script, tmp_path):
+    stages = printed_stages(dry_run(script, tmp_path / "run", NUM_SHARDS="2"))
     for stage in SCRIPTS[script]:
         assert stage in stages, f"{script} dry run lacks stage {stage}"
     assert not (tmp_path / "run" / "stages").exists(), "a dry run must not record stages"
 
 
 def test_skip_kd_leaves_out_kd_stages(tmp_path):
-    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), SKIP_KD="1")
-    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "reproduce_wikitext2.sh"), "--dry-run"],
-                            capture_output=True, text=True, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    stages = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("# stage ")]
+    stages = printed_stages(dry_run("reproduce_wikitext2.sh", tmp_path / "run", SKIP_KD="1"))
     assert "report" in stages
     assert "sweep_test" in stages
     assert not [stage for stage in stages if "_kd" in stage]
 
 
 def test_dry_run_shards_dumps(tmp_path):
-    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), NUM_SHARDS="4")
-    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "reproduce_table1.sh"), "--dry-run"],
-                            capture_output=True, text=True, env=env, cwd=REPO)
-    dump = [line for line in result.stdout.splitlines() if "--ppkd-mode dump " in line]
+    stdout = dry_run("reproduce_table1.sh", tmp_path / "run", NUM_SHARDS="4")
+    dump = [line for line in stdout.splitlines() if "--ppkd-mode dump " in line]
     assert dump and dump[0].startswith("shards fairseq-eval-lm")
 
 

@@ -44,7 +44,7 @@ def get_parser():
     parser.add_argument("--student-dim", type=int, default=256, help="student output width (default: 256)")
     parser.add_argument("--teacher-dim", type=int, default=384, help="teacher state width d_t (default: 384)")
     parser.add_argument("--tokens", type=int, default=2048,
-                        help="scored tokens per batch n (default: 2048, wt2_cpu_student_kd's --max-tokens)")
+                        help="scored tokens per batch n (default: 2048, half of wt2_cpu_student_kd's --max-tokens)")
     parser.add_argument("--chunk-rows", default="8,16,32,64,256", help="chunk sizes in rows (default: 8,16,32,64,256)")
     parser.add_argument("--alpha", type=float, default=0.5, help="--kd-alpha (default: 0.5)")
     parser.add_argument("--temperature", type=float, default=2.0, help="--kd-temperature (default: 2.0)")

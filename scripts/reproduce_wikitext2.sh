@@ -15,8 +15,7 @@
 # Variables: WIKITEXT_DIR (token files; downloaded when unset), RUN_DIR
 # (outputs; default runs/wikitext2 or runs/wikitext2-smoke), SKIP_KD=1
 # (leaves out the KD-trained student, whose stages took 65 minutes on a
-# 2-core CPU), CHECK_TEST=0 (no stock
-# fairseq-eval-lm check).
+# 2-core CPU), CHECK_TEST=0 (no stock fairseq-eval-lm check).
 # Each stage records RUN_DIR/stages/NAME.json; a rerun skips finished stages.
 set -euo pipefail
 
